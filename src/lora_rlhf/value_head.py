@@ -67,7 +67,9 @@ class HookedTransformerWithValueHead(HookedTransformer):
     def fwd_hooks(self) -> list[FwdHook]:
         """Every hook ``forward_with_value_head`` runs with (read at call time)."""
         if getattr(self, "value_head", None) is None:
-            raise RuntimeError("This model was built with use_value_head=False: it has no value head.")
+            raise RuntimeError(
+                "This model was built with use_value_head=False: it has no value head."
+            )
         return [self.value_head_hook]
 
     def forward_with_value_head(

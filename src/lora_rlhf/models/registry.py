@@ -38,7 +38,9 @@ def _tiny_tokenizer():
     return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
 
 
-def tiny_config(name: str, device: str | torch.device, dtype: torch.dtype) -> HookedTransformerConfig:
+def tiny_config(
+    name: str, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformerConfig:
     """The HookedTransformerConfig of a tiny random model (see module docstring)."""
     common = dict(
         d_model=64,
@@ -116,7 +118,9 @@ def _hub_cached(official_name: str) -> bool:
         return False
 
 
-def _load_hub(name: str, device, dtype, model_class=HookedTransformer, **kwargs) -> HookedTransformer:
+def _load_hub(
+    name: str, device, dtype, model_class=HookedTransformer, **kwargs
+) -> HookedTransformer:
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:

@@ -1,0 +1,6 @@
+"""Importing this module registers every check, in the order students meet them."""
+
+from lora_rlhf.checks import lora_checks  # noqa: F401, I001  (order matters: exercises 1–4)
+from lora_rlhf.checks import hooks_checks  # noqa: F401
+from lora_rlhf.checks import model_checks  # noqa: F401
+from lora_rlhf.checks import trainer_checks  # noqa: F401

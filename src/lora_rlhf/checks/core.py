@@ -1,0 +1,135 @@
+"""The check framework: every check is a *probe* and a *judge*.
+
+* ``probe(impl) -> outputs`` runs the implementation under test (a student's classes) on fixed,
+  seeded inputs and returns plain data: tensors, numbers, strings, lists and dicts.
+* ``judge(outputs)`` compares those outputs with independent references (direct formulas, the
+  adaptor merged into the weights of a freshly loaded model) and raises :class:`CheckFailed` with
+  a message that names the likely mistake.
+
+In a notebook or under pytest both halves run in one process. The grader runs the probe in a
+child process and the judge in a clean one, so code under test can never reach the verdict.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Outputs = dict[str, Any]
+
+
+class CheckFailed(AssertionError):
+    """A check's verdict: what is wrong, in words a student can act on."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    exercise: str  # "Lora", "LoraHooks", "TransformerWithValueHeadLora", "RLHFTrainerLora"
+    points: float
+    description: str
+    probe: Callable[[Any], Outputs]
+    judge: Callable[[Outputs], None]
+    needs: tuple[str, ...] = ()  # names the implementation must define for this check
+
+
+CHECKS: dict[str, Check] = {}
+
+
+def check(exercise: str, points: float, needs: tuple[str, ...] = ()):
+    """Register a check: decorate the probe, then attach the judge with ``@probe.judge``."""
+
+    def register(probe: Callable[[Any], Outputs]):
+        name = probe.__name__.removeprefix("probe_")
+
+        def set_judge(judge: Callable[[Outputs], None]):
+            CHECKS[name] = Check(
+                name=name,
+                exercise=exercise,
+                points=points,
+                description=(probe.__doc__ or "").strip().splitlines()[0],
+                probe=probe,
+                judge=judge,
+                needs=needs or (exercise,),
+            )
+            return judge
+
+        probe.judge = set_judge  # type: ignore[attr-defined]
+        return probe
+
+    return register
+
+
+@dataclass
+class CheckResult:
+    name: str
+    exercise: str
+    passed: bool
+    message: str
+    points: float
+    max_points: float
+
+
+def missing_names(impl: Any, check_: Check) -> list[str]:
+    return [n for n in check_.needs if getattr(impl, n, None) is None]
+
+
+def run_probe(check_: Check, impl: Any) -> Outputs:
+    """Run the probe; an exception from the code under test becomes a recorded error."""
+    missing = missing_names(impl, check_)
+    if missing:
+        return {"__error__": f"the implementation does not define {', '.join(missing)}"}
+    try:
+        return check_.probe(impl)
+    except CheckFailed as exc:
+        return {"__failed__": str(exc)}
+    except NotImplementedError as exc:
+        return {"__error__": f"not implemented yet: {exc}"}
+    except Exception as exc:  # the code under test may raise anything
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+        return {"__error__": f"{type(exc).__name__}: {exc}{where}"}
+
+
+def judge_outputs(check_: Check, outputs: Outputs) -> CheckResult:
+    """Reach the verdict for one check from a probe's outputs (never runs code under test)."""
+    if not isinstance(outputs, dict):
+        message, passed = "the probe returned no outputs", False
+    elif "__error__" in outputs:
+        message, passed = f"raised {outputs['__error__']}", False
+    elif "__failed__" in outputs:
+        message, passed = str(outputs["__failed__"]), False
+    else:
+        try:
+            check_.judge(outputs)
+            message, passed = "ok", True
+        except CheckFailed as exc:
+            message, passed = str(exc), False
+        except Exception as exc:  # malformed outputs: a failure, never a pass
+            message, passed = f"unexpected outputs ({type(exc).__name__}: {exc})", False
+    return CheckResult(
+        name=check_.name,
+        exercise=check_.exercise,
+        passed=passed,
+        message=message,
+        points=check_.points if passed else 0.0,
+        max_points=check_.points,
+    )
+
+
+def run_check(check_: Check, impl: Any) -> CheckResult:
+    """Probe and judge in this process (notebooks, pytest)."""
+    return judge_outputs(check_, run_probe(check_, impl))
+
+
+def checks_for(exercise: str | None = None) -> list[Check]:
+    from lora_rlhf.checks import all_checks  # noqa: F401  (registers every check)
+
+    return [c for c in CHECKS.values() if exercise is None or c.exercise == exercise]
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)

@@ -1,0 +1,290 @@
+"""Section 1: the PPO-RLHF training loop (full fine-tuning against a frozen reference copy).
+
+Each phase: a *rollout* samples a batch from the policy, scores it with the reward function and
+stores log-probs, values, advantages and the reference logits in a :class:`ReplayMemory`; a
+*learning phase* then takes PPO steps on minibatches of it, maximising
+clipped surrogate − value loss + entropy bonus − KL penalty.
+
+Subclass hooks: :meth:`RLHFTrainer.build_model`, :meth:`RLHFTrainer.build_ref_model`,
+:meth:`RLHFTrainer.build_optimizer_and_scheduler`, :meth:`RLHFTrainer.compute_rewards`.
+"""
+
+from __future__ import annotations
+
+import copy
+import netrc
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from lora_rlhf.args import RLHFArgs
+from lora_rlhf.devices import default_device
+from lora_rlhf.ppo import (
+    ReplayMemory,
+    ReplayMinibatch,
+    calc_clipped_surrogate_objective,
+    calc_entropy_bonus,
+    calc_kl_penalty,
+    calc_value_function_loss,
+    clip_fraction,
+    compute_advantages,
+    gen_positions,
+    get_logprobs,
+    get_optimizer_and_scheduler,
+    get_samples,
+)
+from lora_rlhf.rewards import normalize_reward
+from lora_rlhf.value_head import HookedTransformerWithValueHead
+
+PhaseCallback = Callable[[dict[str, Any]], None]
+
+# Per-minibatch statistics averaged into each phase's metrics.
+_LEARNING_STATS = ("objective", "clipped_surrogate", "value_loss", "entropy_bonus", "kl_penalty", "clip_frac")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (every device's) random number generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1]
+    try:
+        return netrc.netrc().authenticators(host.split("/", 1)[0]) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class RLHFTrainer:
+    """Trains ``args.base_model`` with PPO-RLHF; see the module docstring.
+
+    Attributes:
+        model: the policy, a :class:`HookedTransformerWithValueHead`.
+        ref_model: the reference policy (its plain forward gives the reference logits).
+        optimizer, scheduler: from :meth:`build_optimizer_and_scheduler`.
+        prefix_len: number of prompt tokens (BOS included).
+        history: one metrics dict per finished phase (see :meth:`train`).
+        samples, rewards: the latest rollout's decoded samples and raw rewards.
+        sample_history: the decoded samples of every rollout so far.
+        on_phase_end: called with each phase's metrics (e.g. to write them or a checkpoint).
+    """
+
+    def __init__(
+        self,
+        args: RLHFArgs,
+        on_phase_end: PhaseCallback | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.args = args
+        self.on_phase_end = on_phase_end
+        self.show_progress = show_progress
+        self.device = torch.device(args.device) if args.device else default_device()
+        self.run_name = f"{args.wandb_project_name}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+        seed_everything(args.seed)
+        self.model = self.build_model()
+        self.ref_model = self.build_ref_model()
+        # Seed again: building a model may reseed the global RNG (TransformerLens does when its
+        # config has a seed), and sampling must depend on args.seed alone.
+        seed_everything(args.seed)
+        self.optimizer, self.scheduler = self.build_optimizer_and_scheduler()
+        prompt_ids = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos)
+        self.prefix_len: int = prompt_ids.shape[-1]
+
+        self.phase = 0
+        self.history: list[dict[str, Any]] = []
+        self.samples: list[str] = []
+        self.rewards: Float[Tensor, "batch"] | None = None
+        self.sample_history: list[list[str]] = []
+        self._phase_stats: dict[str, Any] = {}
+        self._minibatch_stats: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ extension points
+
+    def build_model(self) -> HookedTransformerWithValueHead:
+        """The policy with its value head, on ``self.device`` and in training mode."""
+        model = HookedTransformerWithValueHead.from_pretrained(self.args.base_model, device=self.device)
+        return model.train()
+
+    def build_ref_model(self) -> HookedTransformer:
+        """A frozen copy of the policy's language model (full fine-tuning changes the policy's
+        own weights, so the reference needs its own). Only its plain forward is used."""
+        ref_model = copy.deepcopy(self.model)
+        ref_model.setup_value_head(use_value_head=False)
+        ref_model.requires_grad_(False)
+        return ref_model.eval()
+
+    def build_optimizer_and_scheduler(
+        self,
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        return get_optimizer_and_scheduler(self.args, self.model)
+
+    def compute_rewards(self, samples: list[str]) -> Float[Tensor, "batch"]:
+        """Raw rewards of the decoded samples (``args.reward_fn``), as float32 on ``self.device``."""
+        rewards = self.args.reward_fn(samples)
+        return torch.as_tensor(rewards, dtype=torch.float32).to(self.device)
+
+    # ------------------------------------------------------------------ PPO
+
+    def rollout_phase(self) -> ReplayMemory:
+        """Sample a batch, score it and store what the learning phase needs."""
+        args = self.args
+        sample_ids, samples = get_samples(
+            self.model,
+            prompt=args.prefix,
+            batch_size=args.batch_size,
+            gen_len=args.gen_len,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            prepend_bos=args.prepend_bos,
+        )
+        with torch.no_grad():
+            logits, values = self.model.forward_with_value_head(sample_ids)
+            ref_logits = self.ref_model(sample_ids)
+            logprobs = get_logprobs(logits, sample_ids, self.prefix_len)
+            kl = calc_kl_penalty(logits, ref_logits, kl_coef=1.0, gen_len=args.gen_len)
+            entropy = calc_entropy_bonus(logits, ent_coef=1.0, gen_len=args.gen_len)
+
+        rewards = self.compute_rewards(samples)
+        normed = normalize_reward(rewards) if args.normalize_reward else rewards
+        advantages = compute_advantages(values, normed.to(values.dtype), self.prefix_len)
+
+        self.samples, self.rewards = samples, rewards
+        self.sample_history.append(samples)
+        self._phase_stats = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "kl": kl.item(),
+            "entropy": entropy.item(),
+        }
+        return ReplayMemory(
+            args=args,
+            sample_ids=sample_ids,
+            logprobs=logprobs,
+            advantages=advantages,
+            values=values,
+            ref_logits=ref_logits,
+        )
+
+    def compute_rlhf_objective(self, minibatch: ReplayMinibatch) -> Float[Tensor, ""]:
+        """clipped surrogate − value loss + entropy bonus − KL penalty (to be maximised)."""
+        args = self.args
+        logits, values = self.model.forward_with_value_head(minibatch.sample_ids)
+        logprobs = get_logprobs(logits, minibatch.sample_ids, self.prefix_len)
+        gen_logits = gen_positions(logits, args.gen_len)
+
+        clipped_surrogate = calc_clipped_surrogate_objective(
+            logprobs, minibatch.logprobs, minibatch.advantages, args.clip_coef, args.gen_len
+        )
+        value_loss = calc_value_function_loss(values, minibatch.returns, args.vf_coef, args.gen_len)
+        entropy_bonus = calc_entropy_bonus(gen_logits, args.ent_coef, args.gen_len)
+        kl_penalty = calc_kl_penalty(gen_logits, minibatch.ref_logits, args.kl_coef, args.gen_len)
+        objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
+
+        self._minibatch_stats.append(
+            {
+                "objective": objective.item(),
+                "clipped_surrogate": clipped_surrogate.item(),
+                "value_loss": value_loss.item(),
+                "entropy_bonus": entropy_bonus.item(),
+                "kl_penalty": kl_penalty.item(),
+                "clip_frac": clip_fraction(logprobs, minibatch.logprobs, args.clip_coef),
+            }
+        )
+        return objective
+
+    def learning_phase(self, memory: ReplayMemory) -> None:
+        """One optimizer step per minibatch, then one scheduler step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._minibatch_stats = []
+        for minibatch in memory.get_minibatches():
+            self.optimizer.zero_grad()
+            objective = self.compute_rlhf_objective(minibatch)
+            objective.backward()
+            nn.utils.clip_grad_norm_(params, max_norm=self.args.max_grad_norm)
+            self.optimizer.step()
+        self._phase_stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        for key in _LEARNING_STATS:
+            values = [stats[key] for stats in self._minibatch_stats]
+            self._phase_stats[key] = float(np.mean(values)) if values else float("nan")
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run the remaining phases; return :attr:`history`.
+
+        Each phase's metrics: ``phase``, ``reward_mean``, ``reward_std`` (raw rewards), ``kl`` and
+        ``entropy`` (unscaled means over the rollout's generated positions), ``value_loss``,
+        ``clip_frac``, ``objective`` and the other loss terms (means over minibatches), ``lr``
+        (base learning rate used), ``phase_seconds``.
+        """
+        args = self.args
+        run = self._init_wandb() if args.use_wandb else None
+        try:
+            bar = tqdm(
+                range(self.phase, args.total_phases),
+                desc="RLHF",
+                unit="phase",
+                disable=not self.show_progress,
+            )
+            for phase in bar:
+                self.phase = phase
+                start = time.perf_counter()
+                memory = self.rollout_phase()
+                self.learning_phase(memory)
+                metrics = {"phase": phase, **self._phase_stats}
+                metrics["phase_seconds"] = time.perf_counter() - start
+                self.history.append(metrics)
+                self.phase = phase + 1
+
+                recent = [m["reward_mean"] for m in self.history[-10:]]
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", running=f"{np.mean(recent):.3f}")
+                if run is not None:
+                    self._log_wandb(metrics)
+                if self.on_phase_end is not None:
+                    self.on_phase_end(metrics)
+        finally:
+            if run is not None:
+                import wandb
+
+                wandb.finish()
+        return self.history
+
+    def _init_wandb(self):
+        import wandb
+
+        settings: dict[str, Any] = {}
+        # No login needed: without an API key (and no explicit WANDB_MODE) the run stays local.
+        if not os.environ.get("WANDB_MODE") and not _wandb_api_key_available():
+            settings["mode"] = "offline"
+        return wandb.init(
+            project=self.args.wandb_project_name,
+            entity=self.args.wandb_entity,
+            name=self.run_name,
+            config=self.args.to_config(),
+            **settings,
+        )
+
+    def _log_wandb(self, metrics: dict[str, Any]) -> None:
+        import wandb
+
+        rewards = self.rewards.tolist() if self.rewards is not None else []
+        table = wandb.Table(
+            columns=["phase", "sample", "reward"],
+            data=[[metrics["phase"], s, r] for s, r in zip(self.samples, rewards)],
+        )
+        wandb.log({**metrics, "samples": table}, step=metrics["phase"])

@@ -1,0 +1,56 @@
+"""Shared fixtures: the device parametrisation and the three offline models.
+
+* ``device`` — ``"cpu"``, and ``"cuda"`` when a GPU is present (skipped otherwise). A test that
+  takes ``device`` (directly or through ``tiny_llama``/``tiny_pythia``) runs once per device.
+* ``tiny_llama`` / ``tiny_pythia`` — fresh random-init models on ``device`` (~20 ms each).
+* ``smollm2`` — the embedded SmolLM2-135M on cpu, loaded once per session. The first load ever
+  converts the GGUF file (~25 s) and caches it under ``$LORA_RLHF_CACHE`` or
+  ``~/.cache/lora_rlhf``; the cache is left there on purpose so that later runs load in ~1 s.
+  Tests that damage a cache must point ``LORA_RLHF_CACHE`` at a temporary folder.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+from lora_rlhf.models import load_model
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device-sensitive test runs on cpu, and on cuda when one is present."""
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama(device: str) -> HookedTransformer:
+    """A fresh random-init Llama-style model (grouped-query attention) on `device`."""
+    return load_model("tiny-llama", device=device)
+
+
+@pytest.fixture
+def tiny_pythia(device: str) -> HookedTransformer:
+    """A fresh random-init Pythia-style model (parallel attention + MLP) on `device`."""
+    return load_model("tiny-pythia", device=device)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> HookedTransformer:
+    """The embedded SmolLM2-135M on cpu, shared by the whole session: do not modify it."""
+    return load_model("smollm2-135m", device="cpu")
