@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 Outputs = dict[str, Any]
 
 
@@ -76,13 +78,25 @@ def missing_names(impl: Any, check_: Check) -> list[str]:
     return [n for n in check_.needs if getattr(impl, n, None) is None]
 
 
-def run_probe(check_: Check, impl: Any) -> Outputs:
-    """Run the probe; an exception from the code under test becomes a recorded error."""
+def to_cpu(value: Any) -> Any:
+    """Outputs as judges see them: tensors detached on the CPU, containers rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_cpu(v) for v in value]
+    return value
+
+
+def run_probe(check_: Check, impl: Any, device: str = "cpu") -> Outputs:
+    """Run the probe on `device`; an exception from the code under test becomes a recorded error."""
     missing = missing_names(impl, check_)
     if missing:
         return {"__error__": f"the implementation does not define {', '.join(missing)}"}
     try:
-        return check_.probe(impl)
+        with torch.device(device):
+            return to_cpu(check_.probe(impl))
     except CheckFailed as exc:
         return {"__failed__": str(exc)}
     except NotImplementedError as exc:
@@ -119,9 +133,9 @@ def judge_outputs(check_: Check, outputs: Outputs) -> CheckResult:
     )
 
 
-def run_check(check_: Check, impl: Any) -> CheckResult:
-    """Probe and judge in this process (notebooks, pytest)."""
-    return judge_outputs(check_, run_probe(check_, impl))
+def run_check(check_: Check, impl: Any, device: str = "cpu") -> CheckResult:
+    """Probe (on `device`) and judge in this process (notebooks, pytest)."""
+    return judge_outputs(check_, run_probe(check_, impl, device))
 
 
 def checks_for(exercise: str | None = None) -> list[Check]:

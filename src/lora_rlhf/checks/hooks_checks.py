@@ -17,6 +17,7 @@ from lora_rlhf.checks.reference import (
     close,
     max_diff,
     merged_model,
+    probe_device,
     seeded,
     seeded_tokens,
 )
@@ -225,7 +226,7 @@ def judge_hooks_out_summed(out):
 
 # --------------------------------------------------------------------------------------------
 def _probe_merged(impl, name: str):
-    model = load_model(name, device="cpu")  # its own copy: never the judges' cached model
+    model = load_model(name, device=probe_device())  # its own copy: never the judges' cached model
     values = adaptor_values(model.cfg, seed=5)
     hooks = []
     for i in range(model.cfg.n_layers):

@@ -15,6 +15,7 @@ from lora_rlhf.checks.reference import (
     close,
     max_diff,
     merged_model,
+    probe_device,
     seeded_tokens,
 )
 
@@ -27,7 +28,7 @@ GEN = dict(max_new_tokens=6, do_sample=False, verbose=False, stop_at_eos=False)
 def _model(impl, assign: bool = True):
     torch.manual_seed(0)
     model = impl.TransformerWithValueHeadLora.from_pretrained(
-        MODEL, lora_alpha=ALPHA, rank=RANK, device="cpu"
+        MODEL, lora_alpha=ALPHA, rank=RANK, device=probe_device()
     )
     lora = getattr(model, "lora", None)
     if lora is None or len(lora) != model.cfg.n_layers:

@@ -20,14 +20,22 @@ ALPHA, RANK = 8.0, 4  # α/r = 2: a missing or inverted scale is visible
 ATTN_TARGETS = ("q", "k", "v", "o")
 
 
+def probe_device() -> str:
+    """The device probes run on: the default device that `run_probe` sets (cpu or cuda)."""
+    return str(torch.get_default_device())
+
+
 def seeded(*shape: int, seed: int, scale: float = 1.0, dtype=torch.float32) -> Tensor:
+    """The same random tensor on every machine (drawn on the CPU), on the default device."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    values = torch.randn(*shape, generator=gen, dtype=torch.float64, device="cpu") * scale
+    return values.to(dtype=dtype, device=torch.get_default_device())
 
 
 def seeded_tokens(batch: int, seq: int, d_vocab: int, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(1, d_vocab, (batch, seq), generator=gen)
+    tokens = torch.randint(1, d_vocab, (batch, seq), generator=gen, device="cpu")
+    return tokens.to(torch.get_default_device())
 
 
 def adaptor_shapes(cfg, rank: int = RANK) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:

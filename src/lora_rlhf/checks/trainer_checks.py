@@ -7,7 +7,7 @@ import math
 import torch
 
 from lora_rlhf.checks.core import check, expect
-from lora_rlhf.checks.reference import base_model, close, max_diff
+from lora_rlhf.checks.reference import base_model, close, max_diff, probe_device
 
 # The course's smoke run (SPEC §4).
 SMOKE = dict(
@@ -34,7 +34,7 @@ def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
     class Trainer(trainer_cls):
         model_class = impl.TransformerWithValueHeadLora
 
-    args = RLHFArgsLora(base_model=model, device="cpu", **{**SMOKE, **overrides})
+    args = RLHFArgsLora(base_model=model, device=probe_device(), **{**SMOKE, **overrides})
     return Trainer(args, show_progress=False)
 
 

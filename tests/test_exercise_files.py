@@ -1,0 +1,92 @@
+"""The student-facing files: generated from one source, in sync, notebooks, stubs that say what to do."""
+
+from __future__ import annotations
+
+import ast
+
+import jupytext
+import pytest
+
+from lora_rlhf.authoring import MarkerError, render, sources, sync
+from lora_rlhf.impl import load_impl, repo_root
+
+ROOT = repo_root()
+SECTION2 = "section2_lora.py"
+
+
+def test_generated_files_are_up_to_date():
+    stale = sync(ROOT, check=True)
+    assert not stale, f"run `lora-rlhf sync`: stale {[str(p) for p in stale]}"
+
+
+def test_sync_check_command_reports_stale_file(tmp_path, capsys):
+    from lora_rlhf.cli import main
+
+    (tmp_path / "solutions").mkdir()
+    (tmp_path / "exercises").mkdir()
+    assert main(["sync", "--check", "--root", str(tmp_path)]) == 1
+    assert "stale: solutions/section2_lora.py" in capsys.readouterr().out
+    assert main(["sync", "--root", str(tmp_path)]) == 0
+    assert main(["sync", "--check", "--root", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("kind", ["exercises", "solutions"])
+def test_student_files_open_as_notebooks(kind):
+    notebook = jupytext.read(ROOT / kind / SECTION2, fmt="py:percent")
+    kinds = [cell.cell_type for cell in notebook.cells]
+    assert kinds.count("markdown") >= 5 and kinds.count("code") >= 5
+    text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
+    for topic in ("(xA)B", "bias", "grouped-query attention", "sum W_O", "second model"):
+        assert topic.lower() in text.lower(), f"the explanation of {topic!r} is missing"
+
+
+def test_each_exercise_ends_with_its_check():
+    text = (ROOT / "exercises" / SECTION2).read_text()
+    for call in (
+        "testing_lora(Lora)",
+        "testing_lora_hooks(LoraHooks)",
+        "testing_lora_hooks_qkv_dispatch_and_out(LoraHooks)",
+        "test_lora_fwd_hooks_list(_model)",
+        "test_lora_model_forward_methods(_model)",
+    ):
+        assert call in text
+
+
+def test_stubs_raise_not_implemented_naming_the_exercise():
+    tree = ast.parse((ROOT / "exercises" / SECTION2).read_text())
+    raises = [
+        node.exc.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Raise)
+        and isinstance(node.exc, ast.Call)
+        and getattr(node.exc.func, "id", "") == "NotImplementedError"
+    ]
+    assert len(raises) >= 15
+    assert all(msg.startswith("Exercise ") for msg in raises)
+    assert any("Lora.forward" in msg for msg in raises)
+
+
+def test_solutions_contain_no_markers_and_stubs_no_solution_code():
+    solution = (ROOT / "solutions" / SECTION2).read_text()
+    stubs = (ROOT / "exercises" / SECTION2).read_text()
+    assert ">>> exercise" not in solution and 'NotImplementedError("Exercise' not in solution
+    assert "kaiming_uniform_(self.A" in solution and "kaiming_uniform_(self.A" not in stubs
+
+
+def test_unbalanced_markers_are_reported():
+    with pytest.raises(MarkerError, match="never closed"):
+        render("    # >>> exercise: X — y\n    pass\n", "exercises")
+    with pytest.raises(MarkerError, match="without an opening marker"):
+        render("    # <<< exercise\n", "solutions")
+
+
+def test_every_source_is_a_library_module():
+    for src in sources():
+        if src.path.exists():
+            assert src.path.parent.name == "lora_rlhf"
+
+
+def test_stub_module_imports_and_names_the_classes():
+    stubs = load_impl(ROOT / "exercises")
+    with pytest.raises(NotImplementedError, match="Exercise Lora.__init__"):
+        stubs.Lora()

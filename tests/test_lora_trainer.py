@@ -1,0 +1,73 @@
+"""The LoRA trainer: one copy of the weights, the course's smoke run on a tiny and the embedded model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_rlhf import lora
+from lora_rlhf.checks.trainer_checks import SMOKE, smoke_trainer
+from lora_rlhf.models import load_model
+
+
+def _run_recording_reference(trainer):
+    seen = []
+    rollout_phase = trainer.rollout_phase
+
+    def recording():
+        memory = rollout_phase()
+        seen.append((memory.sample_ids.clone(), memory.ref_logits.clone()))
+        return memory
+
+    trainer.rollout_phase = recording
+    return trainer.train(), seen
+
+
+def test_reference_is_the_policy_itself():
+    trainer = smoke_trainer(lora, "tiny-llama")
+    assert trainer.ref_model is trainer.model
+    n_base = sum(p.numel() for p in trainer.model.base_model_params())
+    n_all = sum(p.numel() for p in trainer.model.parameters())
+    n_trainer = sum(
+        p.numel()
+        for p in {
+            id(p): p for m in (trainer.model, trainer.ref_model) for p in m.parameters()
+        }.values()
+    )
+    assert n_trainer == n_all < 2 * n_base
+
+
+def test_optimizer_trains_only_lora_and_value_head():
+    trainer = smoke_trainer(lora, "tiny-llama")
+    trainable = {id(p) for p in trainer.model.lora_params() + trainer.model.get_value_head_params()}
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == trainable
+
+
+@pytest.mark.slow
+def test_smoke_run_on_the_embedded_model(smollm2):
+    """The course's smoke run on SmolLM2-135M: finite metrics; reference logits stay the base's."""
+    trainer = smoke_trainer(lora, "smollm2-135m")
+    history, seen = _run_recording_reference(trainer)
+    assert len(history) == SMOKE["total_phases"]
+    assert all(math.isfinite(v) for m in history for v in m.values() if isinstance(v, float))
+    with torch.no_grad():
+        for ids, ref_logits in seen:
+            torch.testing.assert_close(ref_logits, smollm2(ids), atol=1e-4, rtol=1e-4)
+    assert max(float(layer.lora_q.B.detach().abs().max()) for layer in trainer.model.lora) > 0
+
+
+def test_base_weights_bitwise_unchanged_by_training():
+    trainer = smoke_trainer(lora, "tiny-pythia")
+    before = {
+        n: p.detach().clone()
+        for n, p in trainer.model.named_parameters()
+        if not n.startswith(("lora.", "value_head."))
+    }
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    fresh = dict(load_model("tiny-pythia", device="cpu").named_parameters())
+    assert all(torch.equal(before[n].cpu(), fresh[n]) for n in fresh)
