@@ -1,0 +1,89 @@
+"""Merge ("bake") the adaptors into the weights: a plain HookedTransformer with the same logits.
+
+Each adaptor adds a low-rank matrix to the weight it adapts, so the adapted model *is* a model
+with different weights::
+
+    W_Q[h]   += α/r · A_q[h] B_q[h]        (one term per query head)
+    _W_K[g]  += α/r · A_k[g] B_k[g]        (per key/value head: the real grouped weights)
+    _W_V[g]  += α/r · A_v[g] B_v[g]
+    W_O[h]   += α/r · A_o[h] B_o[h]
+    W_in     += α/r · A_in B_in,   W_gate += α/r · A_gate B_gate,   W_out += α/r · A_out B_out
+
+The merged model runs without hooks (as fast as the base model) and can be used anywhere a
+HookedTransformer can; it no longer has separate adaptors to train or switch off.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+
+from lora_rlhf.adapters import ATTN_TARGETS, MLP_TARGETS, adaptor_values
+from lora_rlhf.checks.reference import merge_into
+
+MLP_WEIGHTS = {"mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out"}
+
+
+@torch.no_grad()
+def merge_mlp_into(
+    model: HookedTransformer, layers: list[dict[str, tuple[Tensor, Tensor]]], scaling: float
+) -> HookedTransformer:
+    """Add scaling·A·B to W_in, W_gate and W_out (targets ``mlp_in/mlp_gate/mlp_out``), in place.
+
+    The MLP counterpart of :func:`lora_rlhf.checks.reference.merge_into`; A: [1, d_in, r],
+    B: [1, r, d_out] (one instance).
+    """
+    for i, values in enumerate(layers):
+        mlp = model.blocks[i].mlp
+        for target, weight_name in MLP_WEIGHTS.items():
+            if target not in values:
+                continue
+            A, B = values[target]
+            weight = getattr(mlp, weight_name)
+            delta = torch.einsum("hir,hro->io", A.double(), B.double()) * scaling
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+    return model
+
+
+def _plain_copy(model: HookedTransformer) -> HookedTransformer:
+    """A HookedTransformer with `model`'s config, tokenizer and base weights (one copy of them)."""
+    cfg = copy.deepcopy(model.cfg)
+    init_weights, tokenizer_name = cfg.init_weights, cfg.tokenizer_name
+    # Allocate without initialising (the weights are overwritten) and without re-loading the
+    # tokenizer by name (it may need the network): `model`'s tokenizer is set up already.
+    cfg.init_weights, cfg.tokenizer_name = False, None
+    with torch.device(cfg.device):
+        merged = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    cfg.init_weights, cfg.tokenizer_name = init_weights, tokenizer_name
+    merged.tokenizer = model.tokenizer
+    wanted = merged.state_dict().keys()
+    source = model.state_dict()  # references, not copies
+    missing = [k for k in wanted if k not in source]
+    if missing:
+        raise ValueError(f"cannot merge: the model lacks {', '.join(missing[:3])}")
+    merged.load_state_dict({k: source[k] for k in wanted}, strict=True)
+    return merged.eval()
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> HookedTransformer:
+    """A plain HookedTransformer whose weights include the adaptors of `model`.
+
+    `model` (a ``TransformerWithValueHeadLora`` or ``TransformerWithValueHeadMlpLora``) is left
+    unchanged; the result is a new model without hooks, LoRA modules or value head, whose logits
+    equal ``model.forward_with_value_head(tokens)[0]``. It holds one extra copy of the base
+    weights; each adaptor's product A·B is formed once, in float64, and added in place.
+    """
+    merged = _plain_copy(model)
+    attn, mlp = [], []
+    for layer in adaptor_values(model):
+        # Scale B (in float64) so that adaptors with different α/r merge in one call.
+        scaled = {t: (A, B.double() * s) for t, (A, B, s) in layer.items()}
+        attn.append({t: v for t, v in scaled.items() if t in ATTN_TARGETS})
+        mlp.append({t: v for t, v in scaled.items() if t in MLP_TARGETS})
+    merge_into(merged, attn, scaling=1.0)
+    merge_mlp_into(merged, mlp, scaling=1.0)
+    return merged
