@@ -41,6 +41,15 @@ _EXPORTS = {
     "TransformerWithValueHeadLora": "lora_rlhf.lora",
     "RLHFArgsLora": "lora_rlhf.lora",
     "RLHFTrainerLora": "lora_rlhf.lora",
+    # beyond the course
+    "merge_lora": "lora_rlhf.merge",
+    "disable_lora": "lora_rlhf.adapters",
+    "save_adapter": "lora_rlhf.adapters",
+    "load_adapter": "lora_rlhf.adapters",
+    "load_lora_model": "lora_rlhf.adapters",
+    "export_peft": "lora_rlhf.peft_export",
+    "MlpLoraHooks": "lora_rlhf.mlp_lora",
+    "TransformerWithValueHeadMlpLora": "lora_rlhf.mlp_lora",
 }
 
 __all__ = sorted(_EXPORTS)
