@@ -3,6 +3,7 @@
 * ``device`` — ``"cpu"``, and ``"cuda"`` when a GPU is present (skipped otherwise). A test that
   takes ``device`` (directly or through ``tiny_llama``/``tiny_pythia``) runs once per device.
 * ``tiny_llama`` / ``tiny_pythia`` — fresh random-init models on ``device`` (~20 ms each).
+* ``smollm2_reference`` — the transformers model and tokenizer of the same GGUF, once per session.
 * ``smollm2`` — the embedded SmolLM2-135M on cpu, loaded once per session. The first load ever
   converts the GGUF file (~25 s) and caches it under ``$LORA_RLHF_CACHE`` or
   ``~/.cache/lora_rlhf``; the cache is left there on purpose so that later runs load in ~1 s.
@@ -70,3 +71,13 @@ def tiny_pythia(device: str) -> HookedTransformer:
 def smollm2() -> HookedTransformer:
     """The embedded SmolLM2-135M on cpu, shared by the whole session: do not modify it."""
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """``(hf_model, hf_tokenizer)``: the transformers model de-quantized from the same GGUF file,
+    fp32 on cpu, loaded once per session (~25 s). Shared: ``copy.deepcopy`` it before changing it
+    (e.g. before PEFT wraps it)."""
+    from lora_rlhf.models.smollm2 import hf_model_and_tokenizer
+
+    return hf_model_and_tokenizer(torch.float32)

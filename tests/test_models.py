@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -173,8 +174,10 @@ def test_smollm2_has_grouped_query_attention(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers_dequantized_from_the_same_gguf(smollm2):
-    hf_model, hf_tokenizer = smollm2_module.hf_model_and_tokenizer(torch.float32)
+def test_smollm2_logits_match_transformers_dequantized_from_the_same_gguf(
+    smollm2, smollm2_reference
+):
+    hf_model, hf_tokenizer = smollm2_reference
     for prompt in PROMPTS:
         tokens = hf_tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
@@ -226,9 +229,18 @@ def test_cache_manifest_rejects_truncated_flipped_or_stale_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupted_cache_is_detected_and_rebuilt(smollm2, tmp_path, monkeypatch, caplog):
+def test_corrupted_cache_is_detected_and_rebuilt(
+    smollm2, smollm2_reference, tmp_path, monkeypatch, caplog
+):
     # Copy the valid cache (all but the weights, which are small) to a temporary cache root,
-    # then write a truncated weights file: the one rebuild (~25 s) of the suite.
+    # then write a truncated weights file: the one rebuild of the suite. The rebuild converts a
+    # copy of the reference model that is already loaded instead of reading the GGUF again.
+    hf_model, hf_tokenizer = smollm2_reference
+    monkeypatch.setattr(
+        smollm2_module,
+        "hf_model_and_tokenizer",
+        lambda dtype=torch.float32: (copy.deepcopy(hf_model), hf_tokenizer),
+    )
     valid = smollm2_module.cache_dir()
     monkeypatch.setenv("LORA_RLHF_CACHE", str(tmp_path))
     damaged = smollm2_module.cache_dir()

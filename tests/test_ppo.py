@@ -17,6 +17,7 @@ from lora_rlhf.ppo import (
     get_logprobs,
     get_optimizer,
     get_optimizer_and_scheduler,
+    get_samples,
 )
 from lora_rlhf.rewards import REWARDS, normalize_reward, reward_fn_char_count
 from lora_rlhf.value_head import HookedTransformerWithValueHead
@@ -195,6 +196,40 @@ def test_clipped_surrogate_gradient_vanishes_where_clipped():
     assert logprobs.grad[0, 2] > 0 and logprobs.grad[0, 3] < 0
 
 
+# ---------------------------------------------------------------------------- sampling
+
+
+class RecordingModel(HookedTransformerWithValueHead):
+    """Records the keyword arguments of each ``generate`` call (as a LoRA subclass would hook it)."""
+
+    def generate(self, *args, **kwargs):
+        self.generate_calls = getattr(self, "generate_calls", []) + [kwargs]
+        return super().generate(*args, **kwargs)
+
+
+def test_get_samples_uses_the_models_own_generate():
+    model = RecordingModel.from_pretrained("tiny-llama", device="cpu")
+    prompt_ids = model.to_tokens("This is", prepend_bos=True)[0]
+    ids, strings = get_samples(
+        model,
+        "This is",
+        batch_size=5,
+        gen_len=6,
+        temperature=0.8,
+        top_k=7,
+        prepend_bos=True,
+        use_past_kv_cache=False,
+    )
+    assert ids.shape == (5, len(prompt_ids) + 6)
+    assert (ids[:, : len(prompt_ids)] == prompt_ids).all()
+    assert strings == model.to_string(ids) and len(strings) == 5
+    assert not ids.is_inference()  # can be fed to a forward pass that builds a graph
+    (call,) = model.generate_calls
+    assert call["max_new_tokens"] == 6 and call["temperature"] == 0.8 and call["top_k"] == 7
+    assert call["stop_at_eos"] is False and call["verbose"] is False
+    assert call["use_past_kv_cache"] is False  # extra keyword arguments reach generate
+
+
 # ---------------------------------------------------------------------------- advantages, logprobs
 
 
@@ -234,7 +269,9 @@ def test_get_logprobs_picks_log_softmax_of_next_token(prefix_len):
 def test_char_count_reward_counts_the_character():
     samples = ["a.b.c.", "no dots", "..", "a"]
     torch.testing.assert_close(reward_fn_char_count(samples), torch.tensor([3.0, 0.0, 2.0, 0.0]))
-    torch.testing.assert_close(reward_fn_char_count(samples, char="a"), torch.tensor([1.0, 0, 0, 1]))
+    torch.testing.assert_close(
+        reward_fn_char_count(samples, char="a"), torch.tensor([1.0, 0, 0, 1])
+    )
     assert REWARDS["char_count"] is reward_fn_char_count
 
 
@@ -351,6 +388,7 @@ def test_scheduler_warms_up_then_decays_to_final_scale_at_last_phase(tiny_model)
     for _ in range(args.total_phases):
         base_lrs.append(optimizer.param_groups[0]["lr"])
         head_lrs.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()  # no gradients: changes nothing, keeps the call order torch expects
         scheduler.step()  # one step per phase
     # warm-up (p + 1) / 5 over 4 phases, 1.0 at phase 4, then linear to 0.1 at phase 9
     expected = [0.2, 0.4, 0.6, 0.8, 1.0, 0.82, 0.64, 0.46, 0.28, 0.1]

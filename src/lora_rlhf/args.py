@@ -83,7 +83,12 @@ class RLHFArgs:
             if not ok:
                 raise ArgsError(f"{field}: {message} (got {getattr(self, field)!r}).")
 
-        for field in ("total_phases", "batch_size", "num_minibatches", "batches_per_learning_phase"):
+        for field in (
+            "total_phases",
+            "batch_size",
+            "num_minibatches",
+            "batches_per_learning_phase",
+        ):
             value = getattr(self, field)
             require(isinstance(value, int) and value > 0, field, "must be a positive integer")
         require(self.gen_len > 0, "gen_len", "must be > 0: each sample needs a generated token")
@@ -126,4 +131,7 @@ class RLHFArgs:
         """The fields as plain values (the reward function by name), e.g. for wandb or JSON."""
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         config["reward_fn"] = self.reward_fn_name
-        return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in config.items()}
+        return {
+            k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+            for k, v in config.items()
+        }

@@ -69,7 +69,7 @@ def get_samples(
 @torch.no_grad()
 def compute_advantages(
     values: Float[Tensor, "batch seq"],
-    rewards: Float[Tensor, "batch"],
+    rewards: Float[Tensor, " batch"],
     prefix_len: int,
 ) -> Float[Tensor, "batch gen_len"]:
     """One-step TD residuals ``r_t + V(s_{t+1}) - V(s_t)`` for each generated token.
@@ -218,7 +218,9 @@ def calc_clipped_surrogate_objective(
     assert logprobs.shape == mb_logprobs.shape == mb_advantages.shape, (
         f"{logprobs.shape=}, {mb_logprobs.shape=}, {mb_advantages.shape=} must match"
     )
-    assert logprobs.shape[-1] == gen_len, f"expected {gen_len} generated positions: {logprobs.shape=}"
+    assert logprobs.shape[-1] == gen_len, (
+        f"expected {gen_len} generated positions: {logprobs.shape=}"
+    )
     ratio = (logprobs - mb_logprobs).exp()
     advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + eps)
     unclipped = ratio * advantages
@@ -275,7 +277,9 @@ def get_optimizer_and_scheduler(
 
 
 def clip_fraction(
-    logprobs: Float[Tensor, "batch gen_len"], mb_logprobs: Float[Tensor, "batch gen_len"], clip_coef: float
+    logprobs: Float[Tensor, "batch gen_len"],
+    mb_logprobs: Float[Tensor, "batch gen_len"],
+    clip_coef: float,
 ) -> float:
     """Fraction of generated tokens whose probability ratio lies outside the clip range."""
     with torch.no_grad():

@@ -12,10 +12,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-RewardFn = Callable[[list[str]], Float[Tensor, "batch"]]
+RewardFn = Callable[[list[str]], Float[Tensor, " batch"]]
 
 
-def reward_fn_char_count(generated_sample: list[str], char: str = ".") -> Float[Tensor, "batch"]:
+def reward_fn_char_count(generated_sample: list[str], char: str = ".") -> Float[Tensor, " batch"]:
     """Reward each sample with the number of times ``char`` occurs in it.
 
     Args:
@@ -28,17 +28,17 @@ def reward_fn_char_count(generated_sample: list[str], char: str = ".") -> Float[
     return torch.tensor([sample.count(char) for sample in generated_sample], dtype=torch.float32)
 
 
-def reward_fn_length(generated_sample: list[str]) -> Float[Tensor, "batch"]:
+def reward_fn_length(generated_sample: list[str]) -> Float[Tensor, " batch"]:
     """Reward each sample with its length in characters (prompt included)."""
     return torch.tensor([len(sample) for sample in generated_sample], dtype=torch.float32)
 
 
-def reward_fn_no_char(generated_sample: list[str], char: str = ".") -> Float[Tensor, "batch"]:
+def reward_fn_no_char(generated_sample: list[str], char: str = ".") -> Float[Tensor, " batch"]:
     """Penalise each occurrence of ``char``: the negative of :func:`reward_fn_char_count`."""
     return -reward_fn_char_count(generated_sample, char=char)
 
 
-def normalize_reward(reward: Float[Tensor, "batch"], eps: float = 1e-5) -> Float[Tensor, "batch"]:
+def normalize_reward(reward: Float[Tensor, " batch"], eps: float = 1e-5) -> Float[Tensor, " batch"]:
     """Shift and scale rewards to mean 0 and (sample) standard deviation 1.
 
     Equal rewards carry no signal: they become zeros (their std is 0, and ``eps`` keeps the

@@ -6,7 +6,8 @@ stores log-probs, values, advantages and the reference logits in a :class:`Repla
 clipped surrogate − value loss + entropy bonus − KL penalty.
 
 Subclass hooks: :meth:`RLHFTrainer.build_model`, :meth:`RLHFTrainer.build_ref_model`,
-:meth:`RLHFTrainer.build_optimizer_and_scheduler`, :meth:`RLHFTrainer.compute_rewards`.
+:meth:`RLHFTrainer.build_optimizer_and_scheduler`, :meth:`RLHFTrainer.compute_rewards`; and
+:meth:`RLHFTrainer.run_phase` runs one phase on its own (e.g. to time it).
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ from lora_rlhf.value_head import HookedTransformerWithValueHead
 PhaseCallback = Callable[[dict[str, Any]], None]
 
 # Per-minibatch statistics averaged into each phase's metrics.
-_LEARNING_STATS = ("objective", "clipped_surrogate", "value_loss", "entropy_bonus", "kl_penalty", "clip_frac")
+_LEARNING_STATS = (
+    "objective",
+    "clipped_surrogate",
+    "value_loss",
+    "entropy_bonus",
+    "kl_penalty",
+    "clip_frac",
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -92,7 +100,9 @@ class RLHFTrainer:
         self.on_phase_end = on_phase_end
         self.show_progress = show_progress
         self.device = torch.device(args.device) if args.device else default_device()
-        self.run_name = f"{args.wandb_project_name}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_name = (
+            f"{args.wandb_project_name}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        )
 
         seed_everything(args.seed)
         self.model = self.build_model()
@@ -107,7 +117,7 @@ class RLHFTrainer:
         self.phase = 0
         self.history: list[dict[str, Any]] = []
         self.samples: list[str] = []
-        self.rewards: Float[Tensor, "batch"] | None = None
+        self.rewards: Float[Tensor, " batch"] | None = None
         self.sample_history: list[list[str]] = []
         self._phase_stats: dict[str, Any] = {}
         self._minibatch_stats: list[dict[str, float]] = []
@@ -116,7 +126,9 @@ class RLHFTrainer:
 
     def build_model(self) -> HookedTransformerWithValueHead:
         """The policy with its value head, on ``self.device`` and in training mode."""
-        model = HookedTransformerWithValueHead.from_pretrained(self.args.base_model, device=self.device)
+        model = HookedTransformerWithValueHead.from_pretrained(
+            self.args.base_model, device=self.device
+        )
         return model.train()
 
     def build_ref_model(self) -> HookedTransformer:
@@ -132,7 +144,7 @@ class RLHFTrainer:
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         return get_optimizer_and_scheduler(self.args, self.model)
 
-    def compute_rewards(self, samples: list[str]) -> Float[Tensor, "batch"]:
+    def compute_rewards(self, samples: list[str]) -> Float[Tensor, " batch"]:
         """Raw rewards of the decoded samples (``args.reward_fn``), as float32 on ``self.device``."""
         rewards = self.args.reward_fn(samples)
         return torch.as_tensor(rewards, dtype=torch.float32).to(self.device)
@@ -224,39 +236,49 @@ class RLHFTrainer:
 
     # ------------------------------------------------------------------ loop
 
+    def run_phase(self) -> dict[str, Any]:
+        """One rollout and one learning phase; return (and record in :attr:`history`) its metrics."""
+        start = time.perf_counter()
+        memory = self.rollout_phase()
+        rollout_seconds = time.perf_counter() - start
+        self.learning_phase(memory)
+        metrics = {"phase": self.phase, **self._phase_stats}
+        metrics["rollout_seconds"] = rollout_seconds
+        metrics["phase_seconds"] = time.perf_counter() - start
+        self.history.append(metrics)
+        self.phase += 1
+        return metrics
+
     def train(self) -> list[dict[str, Any]]:
         """Run the remaining phases; return :attr:`history`.
 
         Each phase's metrics: ``phase``, ``reward_mean``, ``reward_std`` (raw rewards), ``kl`` and
         ``entropy`` (unscaled means over the rollout's generated positions), ``value_loss``,
         ``clip_frac``, ``objective`` and the other loss terms (means over minibatches), ``lr``
-        (base learning rate used), ``phase_seconds``.
+        (base learning rate used), ``rollout_seconds``, ``phase_seconds``.
         """
         args = self.args
         run = self._init_wandb() if args.use_wandb else None
         try:
             bar = tqdm(
-                range(self.phase, args.total_phases),
+                total=args.total_phases,
+                initial=self.phase,
                 desc="RLHF",
                 unit="phase",
                 disable=not self.show_progress,
             )
-            for phase in bar:
-                self.phase = phase
-                start = time.perf_counter()
-                memory = self.rollout_phase()
-                self.learning_phase(memory)
-                metrics = {"phase": phase, **self._phase_stats}
-                metrics["phase_seconds"] = time.perf_counter() - start
-                self.history.append(metrics)
-                self.phase = phase + 1
-
-                recent = [m["reward_mean"] for m in self.history[-10:]]
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", running=f"{np.mean(recent):.3f}")
-                if run is not None:
-                    self._log_wandb(metrics)
-                if self.on_phase_end is not None:
-                    self.on_phase_end(metrics)
+            with bar:
+                while self.phase < args.total_phases:
+                    metrics = self.run_phase()
+                    recent = [m["reward_mean"] for m in self.history[-10:]]
+                    bar.set_postfix(
+                        reward=f"{metrics['reward_mean']:.3f}", running=f"{np.mean(recent):.3f}"
+                    )
+                    bar.update()
+                    if run is not None:
+                        self._log_wandb(metrics)
+                    if self.on_phase_end is not None:
+                        self.on_phase_end(metrics)
         finally:
             if run is not None:
                 import wandb

@@ -12,9 +12,11 @@ child process and the judge in a clean one, so code under test can never reach t
 
 from __future__ import annotations
 
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,9 +104,22 @@ def run_probe(check_: Check, impl: Any, device: str = "cpu") -> Outputs:
     except NotImplementedError as exc:
         return {"__error__": f"not implemented yet: {exc}"}
     except Exception as exc:  # the code under test may raise anything
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-        return {"__error__": f"{type(exc).__name__}: {exc}{where}"}
+        return {"__error__": f"{type(exc).__name__}: {exc}{_where(exc)}"}
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at file.py:12)``: the deepest line of the code under test, rather than of torch, the
+    standard library or these checks (fall back to the deepest line of all)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    libraries = tuple(
+        str(Path(m.__file__).resolve().parents[i])
+        for m, i in ((torch, 1), (traceback, 0), (sys.modules[__name__], 1))
+    )
+    own = [f for f in frames if not str(Path(f.filename).resolve()).startswith(libraries)]
+    frame = (own or frames)[-1]
+    return f" (at {Path(frame.filename).name}:{frame.lineno})"
 
 
 def judge_outputs(check_: Check, outputs: Outputs) -> CheckResult:

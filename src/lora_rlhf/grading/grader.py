@@ -1,0 +1,156 @@
+"""Grade a submission: static checks, then the probes in child processes, then the judges here.
+
+The verdict of every check is reached in this process by the check's judge, from plain data the
+probe sent back; nothing the submission does in its own process can change a judge, a reference
+or this process's libraries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_rlhf.grading import sandbox, static
+from lora_rlhf.grading.sandbox import Limits, Outcome
+from lora_rlhf.impl import resolve_path
+
+__all__ = ["GradeReport", "Limits", "grade"]
+
+MAX_MESSAGE_CHARS = 2000
+MEMORY_SIGNS = (
+    "can't allocate memory",
+    "not enough memory",
+    "Cannot allocate memory",
+    "MemoryError",
+    "std::bad_alloc",
+    "out of memory",
+)
+# Judges share cached reference models (and run hooks on them): one verdict at a time.
+_JUDGE_LOCK = threading.Lock()
+
+
+@dataclass
+class GradeReport:
+    submission: str
+    results: list  # CheckResult, in rubric order
+    notes: list[str] = field(default_factory=list)  # grading-wide remarks (syntax error, tampering)
+    execution_time: float = 0.0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def score(self) -> float:
+        return round(sum(r.points for r in self.results), 6)
+
+    @property
+    def max_score(self) -> float:
+        return round(sum(r.max_points for r in self.results), 6)
+
+    def by_exercise(self) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for r in self.results:
+            out.setdefault(r.exercise, []).append(r)
+        return out
+
+
+def _failed(check, message: str):
+    from lora_rlhf.checks import CheckResult
+
+    return CheckResult(
+        name=check.name,
+        exercise=check.exercise,
+        passed=False,
+        message=message,
+        points=0.0,
+        max_points=check.points,
+    )
+
+
+def _verdict(check, outcome: Outcome, limits: Limits):
+    from lora_rlhf.checks.core import judge_outputs
+
+    if outcome.failure is not None:
+        result = _failed(check, outcome.failure)
+    else:
+        with _JUDGE_LOCK:
+            result = judge_outputs(check, outcome.outputs)
+    if not result.passed and any(sign in result.message for sign in MEMORY_SIGNS):
+        result.message += f" — the submission went over the memory limit ({limits.memory_mb} MB)"
+    if len(result.message) > MAX_MESSAGE_CHARS:
+        result.message = result.message[: MAX_MESSAGE_CHARS - 1] + "…"
+    return result
+
+
+def grade(
+    submission: str | Path, limits: Limits | None = None, checks: Iterable[str] | None = None
+) -> GradeReport:
+    """Grade a submission file or folder against every check (or only the named `checks`).
+
+    Raises :class:`lora_rlhf.impl.ImplementationError` when `submission` does not exist; every
+    other problem of the submission (syntax error, crash, hang, tampering) is a graded failure.
+    """
+    limits = limits or Limits()
+    start = time.monotonic()
+    path = resolve_path(submission).resolve()
+    problem = static.syntax_error(path)
+    if problem is None:
+        sandbox.start_server()  # imports torch in the background while this process does too
+
+    from lora_rlhf.grading.rubric import rubric
+
+    planned = [c for cs in rubric().values() for c in cs]
+    if checks is not None:
+        wanted = set(checks)
+        unknown = wanted - {c.name for c in planned}
+        if unknown:
+            raise ValueError(f"unknown checks: {', '.join(sorted(unknown))}")
+        planned = [c for c in planned if c.name in wanted]
+
+    results: dict[str, object] = {}
+    notes: list[str] = []
+    if problem:
+        notes.append(f"The submission does not compile: {problem}")
+        results = {c.name: _failed(c, f"syntax error: {problem}") for c in planned}
+    else:
+        scan = static.scan(path)
+        if scan.tampering:
+            notes.append(
+                "No points: the submission tampers with the grading environment:\n"
+                + "\n".join(f"  {path.name} {f}" for f in scan.tampering)
+            )
+            first = scan.tampering[0]
+            message = f"tampering ({path.name} line {first.line}: {first.message}): no points"
+            results = {c.name: _failed(c, message) for c in planned}
+        if scan.reused:
+            notes.append(
+                "No points for exercises that reuse the library's reference classes:\n"
+                + "\n".join(f"  {path.name} {f}" for f in scan.reused.values())
+            )
+        for c in planned:
+            culprit = next((n for n in (c.exercise, *c.needs) if n in scan.reused), None)
+            if c.name not in results and culprit:
+                finding = scan.reused[culprit]
+                results[c.name] = _failed(c, f"no points: {finding.message} (line {finding.line})")
+
+    to_run = [c for c in planned if c.name not in results]
+    if to_run:
+        by_name = {c.name: c for c in to_run}
+
+        def emit(outcome: Outcome) -> None:
+            results[outcome.check] = _verdict(by_name[outcome.check], outcome, limits)
+
+        with tempfile.TemporaryDirectory(prefix="lora-rlhf-grade-") as scratch:
+            sandbox.run_probes(path, [c.name for c in to_run], limits, emit, Path(scratch))
+        for c in to_run:  # never leave a check without a verdict
+            results.setdefault(c.name, _failed(c, "not graded"))
+
+    return GradeReport(
+        submission=str(path),
+        results=[results[c.name] for c in planned],
+        notes=notes,
+        execution_time=time.monotonic() - start,
+        limits=limits,
+    )

@@ -1,0 +1,49 @@
+"""What the grader learns from a submission's source before running any of it.
+
+* :func:`syntax_error` compiles the file (compiling never executes it) and reports file:line.
+* :func:`scan` walks the AST for **tampering** (:mod:`.tamper`: code that reaches into the
+  libraries, the checks or the grader), which costs every point, and for **reuse of the reference
+  classes** (:mod:`.reuse`), which costs the exercises concerned (and every check that needs them).
+
+The scan is defence in depth: verdicts are reached by the judges in the grading process, which the
+submission never runs in, so patching a library in the submission's process cannot pass a check
+anyway. Only the submission's own file is scanned: it is loaded as a lone module, so it cannot
+import neighbours without ``sys.path`` tricks, which are tampering too.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_rlhf.grading.names import Finding, Names
+from lora_rlhf.grading.reuse import find_reuse
+from lora_rlhf.grading.tamper import find_tampering
+
+__all__ = ["Finding", "ScanReport", "scan", "syntax_error"]
+
+
+@dataclass
+class ScanReport:
+    tampering: list[Finding] = field(default_factory=list)
+    reused: dict[str, Finding] = field(default_factory=dict)  # exercise → why it scores nothing
+
+
+def syntax_error(path: Path) -> str | None:
+    """``"file:line:col: SyntaxError: ..."`` when the file does not compile, else None."""
+    try:
+        compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        where = f"{exc.filename or path}:{exc.lineno}" + (f":{exc.offset}" if exc.offset else "")
+        text = (exc.text or "").strip()
+        return f"{where}: {type(exc).__name__}: {exc.msg}" + (f"\n    {text}" if text else "")
+    except (ValueError, UnicodeDecodeError) as exc:  # null bytes, not UTF-8
+        return f"{path}: cannot be read as Python source ({exc})"
+    return None
+
+
+def scan(path: Path) -> ScanReport:
+    """Tampering and reuse of the reference classes in a file that compiles."""
+    names = Names(ast.parse(path.read_bytes(), str(path)))
+    return ScanReport(tampering=find_tampering(names), reused=find_reuse(names))

@@ -1,0 +1,67 @@
+"""Figures of a training run: the reward curve (with the KL to the reference policy below it).
+
+Drawn with matplotlib's object API (``Figure`` + the Agg canvas), never ``pyplot``: no GUI
+backend is touched, so it works headless and never changes the caller's backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_reward_curve(
+    history: Sequence[dict[str, Any]],
+    path: str | Path,
+    title: str = "RLHF with LoRA",
+    reward_label: str = "reward",
+) -> Path:
+    """Save a PNG of the mean reward per phase (± one std) and the KL(π ‖ π_ref) per phase.
+
+    Args:
+        history: per-phase metrics with ``phase``, ``reward_mean``, ``reward_std`` and ``kl``
+            (the trainer's :attr:`~lora_rlhf.trainer.RLHFTrainer.history`).
+        path: where to write the PNG.
+        title: the figure's title.
+        reward_label: the reward axis' label (e.g. ``"count of '.'"``).
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    phases = [m["phase"] for m in history]
+    mean = [m["reward_mean"] for m in history]
+    std = [m.get("reward_std", 0.0) for m in history]
+    kl = [m.get("kl", float("nan")) for m in history]
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_reward, ax_kl = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax_reward.plot(phases, mean, marker="o", markersize=3, label="mean reward")
+    ax_reward.fill_between(
+        phases,
+        [m - s for m, s in zip(mean, std)],
+        [m + s for m, s in zip(mean, std)],
+        alpha=0.2,
+        label="± 1 std over the batch",
+    )
+    if len(mean) >= 5:
+        running = [sum(mean[max(0, i - 4) : i + 1]) / len(mean[max(0, i - 4) : i + 1]) for i in range(len(mean))]
+        ax_reward.plot(phases, running, linewidth=2, label="running mean (5 phases)")
+    ax_reward.set_ylabel(reward_label)
+    ax_reward.set_title(title)
+    ax_reward.grid(alpha=0.3)
+    ax_reward.legend(loc="upper left", fontsize="small")
+
+    ax_kl.plot(phases, kl, color="tab:red", marker="o", markersize=2)
+    ax_kl.set_ylabel("KL(π ‖ π_ref)")
+    ax_kl.set_xlabel("phase")
+    ax_kl.grid(alpha=0.3)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
