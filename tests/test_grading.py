@@ -162,7 +162,7 @@ def fixture_sources(tmp: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
                 LORA_ONLY,
                 "LoraHooks",
                 "__init__",
-                "torch.empty(3 * 2**28)  # 3 GiB of address space\n",
+                "torch.empty(3 * 2**28)  # 3 GiB: fine without a limit, too much under 2048 MB\n",
             ),
             ("--memory-mb", "2048"),
         ),
