@@ -204,7 +204,8 @@ def test_full_fine_tuning_raises_the_char_count_reward():
     """kl_coef=0 and 4 phases of 4 PPO steps each: the policy learns to write more periods.
 
     Checked on 48 held-out samples from the trained policy and from the frozen reference (the
-    initial policy); typically ~0.17 periods per sample before and 0.5-1.0 after.
+    initial policy): 0.17 periods per sample before; 0.44, 1.0 and 1.44 after with seeds 1-3
+    (~100 CPU-seconds on one core).
     """
     args = RLHFArgs(
         base_model="smollm2-135m",
@@ -216,7 +217,7 @@ def test_full_fine_tuning_raises_the_char_count_reward():
         num_minibatches=4,
         batches_per_learning_phase=1,
         gen_len=8,
-        base_lr=3e-5,
+        base_lr=5e-5,
         kl_coef=0.0,
     )
     trainer = RLHFTrainer(args, show_progress=False)

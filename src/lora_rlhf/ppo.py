@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from lora_rlhf.value_head import HookedTransformerWithValueHead
 
 
-def gen_positions(x: Tensor, gen_len: int) -> Tensor:
+def gen_positions(
+    x: Float[Tensor, "batch seq *rest"], gen_len: int
+) -> Float[Tensor, "batch gen_len *rest"]:
     """``x[:, -gen_len-1:-1]`` (the positions predicting the generated tokens), unless ``x`` is
     already ``gen_len`` long."""
     if x.shape[1] == gen_len:
