@@ -86,9 +86,9 @@ def test_broken_version_is_caught_with_a_pointed_message(mutant, tmp_path):
 def test_generated_bonus_files_are_up_to_date():
     text = SOURCE.read_text()
     for kind in ("solutions", "exercises"):
-        assert (ROOT / kind / "bonus_mlp_lora.py").read_text() == render(text, kind), (
-            "run `lora-rlhf sync`"
-        )
+        assert (ROOT / kind / "bonus_mlp_lora.py").read_text() == render(
+            text, kind, source="src/lora_rlhf/mlp_lora.py"
+        ), "run `lora-rlhf sync`"
 
 
 def test_mlp_adaptors_are_trained_and_base_weights_are_not():
