@@ -1,7 +1,7 @@
 # The two commands of the README: `make train` and `make test`. Both set up .venv first.
 PY := .venv/bin/python
 
-.PHONY: setup sync test train demo lint
+.PHONY: setup sync test test-fast train demo lint
 
 setup:  ## create .venv and install the project (fast when already done)
 	bash scripts/setup.sh
@@ -9,8 +9,12 @@ setup:  ## create .venv and install the project (fast when already done)
 sync: setup  ## regenerate exercises/ and solutions/ from their single source
 	.venv/bin/lora-rlhf sync
 
-test: setup  ## run the test suite
-	$(PY) -m pytest -q --durations=10
+# Two pytest workers (2 cores); --dist loadfile keeps each file's shared fixtures in one worker.
+test: setup  ## run the whole test suite (what CI runs)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
+
+test-fast: setup  ## the quick suite students run while working: everything but the embedded-model tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # TODO(cli): run `.venv/bin/lora-rlhf train` here once the CLI lands; until then, the demo.
 train: setup  ## the main job

@@ -81,3 +81,10 @@ def smollm2_reference():
     from lora_rlhf.models.smollm2 import hf_model_and_tokenizer
 
     return hf_model_and_tokenizer(torch.float32)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the embedded model is `slow`, so `-m "not slow"` is the quick suite."""
+    for item in items:
+        if {"smollm2", "smollm2_reference"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
