@@ -16,9 +16,8 @@ test: setup  ## run the whole test suite (what CI runs)
 test-fast: setup  ## the quick suite students run while working: everything but the embedded-model tests
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-# TODO(cli): run `.venv/bin/lora-rlhf train` here once the CLI lands; until then, the demo.
-train: setup  ## the main job
-	$(PY) scripts/demo.py
+train: setup  ## the main job: RLHF with LoRA on the embedded model (outputs in runs/<timestamp>)
+	.venv/bin/lora-rlhf train
 
 demo: setup  ## greedy continuation from the embedded SmolLM2-135M
 	$(PY) scripts/demo.py

@@ -31,6 +31,7 @@ def plot_reward_curve(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     phases = [m["phase"] for m in history]
@@ -50,7 +51,10 @@ def plot_reward_curve(
         label="± 1 std over the batch",
     )
     if len(mean) >= 5:
-        running = [sum(mean[max(0, i - 4) : i + 1]) / len(mean[max(0, i - 4) : i + 1]) for i in range(len(mean))]
+        running = [
+            sum(mean[max(0, i - 4) : i + 1]) / len(mean[max(0, i - 4) : i + 1])
+            for i in range(len(mean))
+        ]
         ax_reward.plot(phases, running, linewidth=2, label="running mean (5 phases)")
     ax_reward.set_ylabel(reward_label)
     ax_reward.set_title(title)
@@ -60,6 +64,7 @@ def plot_reward_curve(
     ax_kl.plot(phases, kl, color="tab:red", marker="o", markersize=2)
     ax_kl.set_ylabel("KL(π ‖ π_ref)")
     ax_kl.set_xlabel("phase")
+    ax_kl.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_kl.grid(alpha=0.3)
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,12 +47,12 @@ DEFAULTS: dict[str, Any] = {
     "prefix": "This is",
     "phases": 30,
     "batch_size": 16,
-    "minibatches": 2,
-    "batches_per_phase": 2,
+    "minibatches": 4,
+    "batches_per_phase": 1,
     "gen_len": 8,
     "rank": 4,
     "alpha": 32.0,
-    "base_lr": 2e-3,
+    "base_lr": 1e-3,
     "head_lr": 1e-3,
     "kl_coef": 0.05,
     "ent_coef": 0.001,
@@ -115,46 +115,74 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     d = DEFAULTS
 
-    def opt(*flags, help, **kw):
+    def opt(group, *flags, help, **kw):
         dest = flags[0].lstrip("-").replace("-", "_")
         default = d.get(dest)
         suffix = f" (default: {default})" if default is not None else ""
+        kw.setdefault("metavar", {int: "N", float: "X"}.get(kw.get("type"), dest.upper()))
         # default None: an option given on the command line can be told from one left out.
-        p.add_argument(*flags, default=None, help=help + suffix, **kw)
+        group.add_argument(*flags, default=None, help=help + suffix, **kw)
 
     what = p.add_argument_group("what to train")
-    opt("--model", help="base model: smollm2-135m, tiny-llama, tiny-pythia or a TransformerLens name")
-    opt("--impl", help="whose classes: library, solutions, exercises, or a submission's .py file/folder")
-    opt("--reward", help="reward function: char_count, length or no_char")
-    opt("--char", help="the character char_count counts (and no_char penalises)")
-    opt("--prefix", help="the prompt every sample continues")
+    opt(
+        what,
+        "--model",
+        help="base model: smollm2-135m, tiny-llama, tiny-pythia or a TransformerLens name",
+    )
+    opt(
+        what,
+        "--impl",
+        help="whose classes: library, solutions, exercises, or a submission's .py file/folder",
+    )
+    opt(what, "--reward", help="reward function: char_count, length or no_char")
+    opt(what, "--char", help="the character char_count counts (and no_char penalises)")
+    opt(what, "--prefix", help="the prompt every sample continues")
 
     hp = p.add_argument_group("hyperparameters")
-    opt("--phases", type=int, help="total phases (rollout + learning phase)")
-    opt("--batch-size", type=int, help="samples per rollout")
-    opt("--minibatches", type=int, help="minibatches per pass over the rollout (divides --batch-size)")
-    opt("--batches-per-phase", type=int, help="passes over each rollout in its learning phase")
-    opt("--gen-len", type=int, help="tokens generated per sample")
-    opt("--rank", type=int, help="LoRA rank r")
-    opt("--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/r)")
-    opt("--base-lr", type=float, help="learning rate of the adaptors")
-    opt("--head-lr", type=float, help="learning rate of the value head")
-    opt("--kl-coef", type=float, help="weight of the KL penalty against the base model")
-    opt("--ent-coef", type=float, help="weight of the entropy bonus")
-    opt("--warmup", type=int, help="phases of linear learning-rate warm-up")
-    opt("--final-scale", type=float, help="learning-rate multiplier reached at the last phase")
-    opt("--temperature", type=float, help="sampling temperature")
-    opt("--top-k", type=int, help="sample from the k likeliest tokens (0: all)")
-    opt("--seed", type=int, help="random seed (same seed and device: same metrics)")
-    opt("--dtype", choices=DTYPES, help="dtype of the model and adaptors")
+    opt(hp, "--phases", type=int, help="total phases (rollout + learning phase)")
+    opt(hp, "--batch-size", type=int, help="samples per rollout")
+    opt(
+        hp,
+        "--minibatches",
+        type=int,
+        help="minibatches per pass over the rollout (divides --batch-size)",
+    )
+    opt(hp, "--batches-per-phase", type=int, help="passes over each rollout in its learning phase")
+    opt(hp, "--gen-len", type=int, help="tokens generated per sample")
+    opt(hp, "--rank", type=int, help="LoRA rank r")
+    opt(hp, "--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/r)")
+    opt(hp, "--base-lr", type=float, help="learning rate of the adaptors")
+    opt(hp, "--head-lr", type=float, help="learning rate of the value head")
+    opt(hp, "--kl-coef", type=float, help="weight of the KL penalty against the base model")
+    opt(hp, "--ent-coef", type=float, help="weight of the entropy bonus")
+    opt(hp, "--warmup", type=int, help="phases of linear learning-rate warm-up")
+    opt(hp, "--final-scale", type=float, help="learning-rate multiplier reached at the last phase")
+    opt(hp, "--temperature", type=float, help="sampling temperature")
+    opt(hp, "--top-k", type=int, help="sample from the k likeliest tokens (0: all)")
+    opt(hp, "--seed", type=int, help="random seed (same seed and device: same metrics)")
+    opt(hp, "--dtype", choices=DTYPES, help="dtype of the model and adaptors")
 
     run = p.add_argument_group("run")
-    run.add_argument("--out", help="output folder (default: runs/<timestamp>; with --resume, the resumed folder)")
-    run.add_argument("--resume", metavar="DIR_OR_ADAPTER", help="continue a saved run: its folder or its adapter file")
+    run.add_argument(
+        "--out", help="output folder (default: runs/<timestamp>; with --resume, the resumed folder)"
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR_OR_ADAPTER",
+        help="continue a saved run: its folder or its adapter file",
+    )
     run.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present, else cpu)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 helps on a busy machine)")
-    run.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)")
-    run.add_argument("--wandb-project", default="lora-rlhf", help="wandb project (default: lora-rlhf)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's; 1 helps on a busy machine)",
+    )
+    run.add_argument(
+        "--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)"
+    )
+    run.add_argument(
+        "--wandb-project", default="lora-rlhf", help="wandb project (default: lora-rlhf)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_command)
     return p
@@ -261,7 +289,9 @@ def _check_reward(s: dict[str, Any], char_given: bool) -> None:
     from lora_rlhf.rewards import REWARDS
 
     if s["reward"] not in REWARDS:
-        raise UsageError(f"--reward {s['reward']}: unknown reward; known: {', '.join(sorted(REWARDS))}")
+        raise UsageError(
+            f"--reward {s['reward']}: unknown reward; known: {', '.join(sorted(REWARDS))}"
+        )
     if char_given and s["reward"] not in ("char_count", "no_char"):
         raise UsageError(f"--char applies to the char_count and no_char rewards, not {s['reward']}")
 
@@ -306,7 +336,9 @@ def _trainer_class(impl_spec: str) -> type:
     except ImplementationError as err:
         raise UsageError(f"--impl {impl_spec}: {err}") from None
     except Exception as err:  # the submission's own code failed on import
-        raise UsageError(f"--impl {impl_spec}: importing it raised {type(err).__name__}: {err}") from None
+        raise UsageError(
+            f"--impl {impl_spec}: importing it raised {type(err).__name__}: {err}"
+        ) from None
     model_class = module.TransformerWithValueHeadLora
     if not issubclass(model_class, HookedTransformerWithValueHead):
         raise UsageError(
@@ -345,7 +377,9 @@ def _build_args(settings: dict[str, Any], device: str | None, wandb: bool, wandb
 
     fields = {field: settings[dest] for dest, field in ARGS_FIELDS.items()}
     fields["top_k"] = fields["top_k"] or None
-    fields["dtype"] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings["dtype"]]
+    fields["dtype"] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        settings["dtype"]
+    ]
     try:
         return RLHFArgsLora(
             **fields,
@@ -376,7 +410,9 @@ def _check_out(out: Path, resume: ResumePoint | None) -> None:
     """The output folder exists (created now) and takes files; it never overwrites another run."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
-    same_as_resumed = resume is not None and out.exists() and out.resolve() == resume.folder.resolve()
+    same_as_resumed = (
+        resume is not None and out.exists() and out.resolve() == resume.folder.resolve()
+    )
     if out.is_dir() and not same_as_resumed:
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held:
@@ -546,7 +582,11 @@ class RunRecorder:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if not self.samples.get("before"):
-            self.samples["before"] = self._rollout_record(metrics["phase"], "first rollout (untrained adaptors)")
+            phase = metrics["phase"]
+            what = "untrained adaptors" if phase == 0 else "first rollout of the resumed run"
+            self.samples["before"] = self._rollout_record(
+                phase, f"rollout of phase {phase}, {what}"
+            )
 
     def _rollout_record(self, phase: int, what: str) -> dict[str, Any]:
         trainer = self.trainer
@@ -574,7 +614,7 @@ class RunRecorder:
         rewards = trainer.compute_rewards(samples).tolist()
         self.samples["after"] = {
             "phase": trainer.phase,
-            "what": f"fresh samples after {trainer.phase} phases",
+            "what": f"fresh samples after {trainer.phase} phases of training",
             "samples": samples,
             "rewards": rewards,
         }
@@ -606,10 +646,15 @@ class RunRecorder:
             )
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             torch.save(
-                {"optimizer": trainer.optimizer.state_dict(), "rng": _rng_state(), "phase": trainer.phase},
+                {
+                    "optimizer": trainer.optimizer.state_dict(),
+                    "rng": _rng_state(),
+                    "phase": trainer.phase,
+                },
                 tmp / TRAINER_STATE,
             )
-            for name in (ADAPTER_WEIGHTS, TRAINER_STATE, ADAPTER_CONFIG):  # config last: it marks a run
+            # The config goes last: its presence marks a saved run.
+            for name in (ADAPTER_WEIGHTS, TRAINER_STATE, ADAPTER_CONFIG):
                 os.replace(tmp / name, self.out / name)
 
     def save_plot(self) -> Path | None:
@@ -619,7 +664,12 @@ class RunRecorder:
         if not history:
             return None
         title = f"{self.plan.rlhf_args.base_model} + LoRA r={self.plan.rlhf_args.lora_rank}: RLHF"
-        return plot_reward_curve(history, self.out / CURVE_FILE, title=title, reward_label=reward_label(self.plan.settings))
+        return plot_reward_curve(
+            history,
+            self.out / CURVE_FILE,
+            title=title,
+            reward_label=reward_label(self.plan.settings),
+        )
 
     def save_samples(self) -> None:
         (self.out / SAMPLES_JSON).write_text(json.dumps(self.samples, indent=1) + "\n")
@@ -641,7 +691,7 @@ class RunRecorder:
             mean = sum(rewards) / len(rewards) if rewards else float("nan")
             lines += [
                 "",
-                f"## {heading} — {record['what']} (phase {record['phase']})",
+                f"## {heading} — {record['what']}",
                 "",
                 f"Mean reward {mean:.3f} over {len(rewards)} samples.",
                 "",
@@ -655,13 +705,13 @@ class RunRecorder:
         """Everything: after an interruption, the last rollout stands in for fresh samples."""
         self.save_adapter(interrupted)
         self.save_plot()
-        if self.trainer.history:
-            if interrupted or self.trainer.phase == 0:
-                self.samples["after"] = self._rollout_record(
-                    self.trainer.history[-1]["phase"], "last rollout before the interruption"
-                )
-            else:
-                self.sample_after()
+        if interrupted and self.trainer.sample_history:
+            start = self.plan.resume.phases_done if self.plan.resume else 0
+            phase = start + len(self.trainer.sample_history) - 1
+            what = f"rollout of phase {phase}, the last before the interruption"
+            self.samples["after"] = self._rollout_record(phase, what)
+        elif not interrupted:
+            self.sample_after()
         self.save_samples()
 
 
@@ -683,12 +733,21 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
-def _print_summary(plan: Plan, trainer, seconds: float, this_run: int, interrupted: bool) -> None:
+def _print_summary(
+    plan: Plan, trainer, seconds: float, cpu_seconds: float, this_run: int, interrupted: bool
+) -> None:
     s, out = summarize(trainer.history), plan.out
     total = plan.rlhf_args.total_phases
-    state = f"Interrupted after {trainer.phase} of {total} phases" if interrupted else f"Done: {trainer.phase} phases"
+    state = (
+        f"Interrupted after {trainer.phase} of {total} phases"
+        if interrupted
+        else f"Done: {trainer.phase} phases"
+    )
     per_phase = f" ({seconds / this_run:.1f} s/phase)" if this_run else ""
-    print(f"\n{state}; {this_run} this run in {_duration(seconds)}{per_phase}.")
+    print(
+        f"\n{state}; {this_run} this run in {_duration(seconds)}{per_phase}, "
+        f"CPU time {_duration(cpu_seconds)}."
+    )
     if trainer.history:
         ratio = f"×{s['ratio']:.2f}" if math.isfinite(s["ratio"]) else "ratio n/a"
         print(
@@ -730,7 +789,9 @@ def train(plan: Plan) -> int:
     recorder = RunRecorder(plan)
     loading = time.perf_counter()
     try:
-        trainer = plan.trainer_class(args, on_phase_end=recorder.on_phase_end, show_progress=plan.show_progress)
+        trainer = plan.trainer_class(
+            args, on_phase_end=recorder.on_phase_end, show_progress=plan.show_progress
+        )
         if plan.resume is not None:
             restore(trainer, plan.resume)
     except (ModelUnavailableError, AdapterMismatchError) as err:
@@ -739,18 +800,25 @@ def train(plan: Plan) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted while loading: nothing trained, nothing saved.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"Loaded {s['model']} on {trainer.device} in {time.perf_counter() - loading:.1f}s.", flush=True)
+    print(
+        f"Loaded {s['model']} on {trainer.device} in {time.perf_counter() - loading:.1f}s.",
+        flush=True,
+    )
     recorder.start(trainer)
 
-    started, interrupted = time.perf_counter(), False
+    started, cpu_started, interrupted = time.perf_counter(), time.process_time(), False
     try:
         trainer.train()
     except KeyboardInterrupt:
         interrupted = True
-        print(f"\nInterrupted: saving what was learned in {trainer.phase} phases…", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - started
+        print(
+            f"\nInterrupted: saving what was learned in {trainer.phase} phases…",
+            file=sys.stderr,
+            flush=True,
+        )
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     recorder.save_all(interrupted)
-    _print_summary(plan, trainer, seconds, trainer.phase - start_phase, interrupted)
+    _print_summary(plan, trainer, seconds, cpu_seconds, trainer.phase - start_phase, interrupted)
     return EXIT_INTERRUPTED if interrupted else 0
 
 
@@ -766,7 +834,17 @@ def run_command(args: argparse.Namespace) -> int:
 
 run = run_command
 
-__all__ = ["DEFAULTS", "Plan", "RunRecorder", "UsageError", "add_parser", "prepare", "read_metrics", "run", "train"]
+__all__ = [
+    "DEFAULTS",
+    "Plan",
+    "RunRecorder",
+    "UsageError",
+    "add_parser",
+    "prepare",
+    "read_metrics",
+    "run",
+    "train",
+]
 
 if __name__ == "__main__":  # python -m lora_rlhf.train_cli …
     from lora_rlhf.cli import main
