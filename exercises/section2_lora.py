@@ -64,6 +64,10 @@ FwdHook = tuple[str, Callable]
 # d_in·r·d_out multiply-adds and d_in·d_out memory, which is what LoRA exists to avoid. Multiplying
 # x by A first keeps every intermediate of width r.
 #
+# **A shared input.** When the `inst` axis is 1 (q, k and v all read the same x), do not copy x
+# once per instance: put every A side by side, `[d_in, n_inst·rank]`, and take one matrix product
+# `x @ [A_1 … A_n]`, then split its columns back into instances.
+#
 # Why **no bias**? The frozen layer already has its bias; a trainable one would not be low-rank
 # and would double what the adaptor can shift.
 #

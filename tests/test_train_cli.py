@@ -144,10 +144,32 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 # ---------------------------------------------------------------------------------- Ctrl-C and resume
 
 
-def test_ctrl_c_saves_the_phases_done_and_resume_continues_exactly(tmp_path, monkeypatch):
-    """Interrupted after phase 1 then resumed == one uninterrupted run (same phases, same numbers)."""
-    assert train(tmp_path / "whole", phases=4) == 0
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory) -> Path:
+    """An uninterrupted 4-phase run: what an interrupted and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    assert train(out, phases=4) == 0
+    return out
 
+
+def _interrupted_then_resumed(out: Path, whole: Path) -> None:
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["phases_done"], config["interrupted"]) == (2, True)
+    assert [m["phase"] for m in train_cli.read_metrics(out)] == [0, 1]
+    assert (out / "reward_curve.png").is_file() and (out / "adapter.safetensors").is_file()
+
+    assert main(["train", "--resume", str(out), "--no-progress", "--threads", "1"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["phases_done"], config["interrupted"]) == (4, False)
+    resumed = train_cli.read_metrics(out)
+    assert [m["phase"] for m in resumed] == [0, 1, 2, 3]
+    assert without_timings(resumed) == without_timings(train_cli.read_metrics(whole))
+
+
+def test_ctrl_c_after_a_phase_saves_it_and_resume_continues_exactly(
+    whole_run, tmp_path, monkeypatch
+):
+    """Interrupted after phase 1, then resumed == one uninterrupted run (same phases, same numbers)."""
     on_phase_end = train_cli.RunRecorder.on_phase_end
 
     def interrupt_after_phase_1(self, metrics):
@@ -157,19 +179,27 @@ def test_ctrl_c_saves_the_phases_done_and_resume_continues_exactly(tmp_path, mon
 
     with monkeypatch.context() as m:
         m.setattr(train_cli.RunRecorder, "on_phase_end", interrupt_after_phase_1)
-        assert train(tmp_path / "split", phases=4) == train_cli.EXIT_INTERRUPTED
-    split = tmp_path / "split"
-    config = json.loads((split / "adapter_config.json").read_text())
-    assert (config["phases_done"], config["interrupted"]) == (2, True)
-    assert len(train_cli.read_metrics(split)) == 2
-    assert (split / "reward_curve.png").is_file() and (split / "adapter.safetensors").is_file()
+        assert train(tmp_path / "run", phases=4) == train_cli.EXIT_INTERRUPTED
+    _interrupted_then_resumed(tmp_path / "run", whole_run)
 
-    assert main(["train", "--resume", str(split), "--no-progress", "--threads", "1"]) == 0
-    config = json.loads((split / "adapter_config.json").read_text())
-    assert (config["phases_done"], config["interrupted"]) == (4, False)
-    resumed = train_cli.read_metrics(split)
-    assert [m["phase"] for m in resumed] == [0, 1, 2, 3]
-    assert without_timings(resumed) == without_timings(train_cli.read_metrics(tmp_path / "whole"))
+
+def test_ctrl_c_within_a_phase_drops_that_phase_and_resume_continues_exactly(
+    whole_run, tmp_path, monkeypatch
+):
+    """Phase 2's learning steps are taken, then Ctrl-C: the save holds phases 0-1 exactly."""
+    from lora_rlhf.trainer import RLHFTrainer
+
+    learning_phase = RLHFTrainer.learning_phase
+
+    def interrupt_in_phase_2(self, memory):
+        learning_phase(self, memory)
+        if self.phase == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(RLHFTrainer, "learning_phase", interrupt_in_phase_2)
+        assert train(tmp_path / "run", phases=4) == train_cli.EXIT_INTERRUPTED
+    _interrupted_then_resumed(tmp_path / "run", whole_run)
 
 
 def test_resume_from_the_adapter_file_into_another_folder(finished_run, tmp_path):
@@ -198,6 +228,16 @@ def test_impl_trains_a_students_classes(tmp_path, capture_trainer):
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["impl"] == str(student.resolve())
     assert len(train_cli.read_metrics(tmp_path / "run")) == 2
+
+
+def test_impl_with_unfinished_exercises_names_the_exercise(tmp_path, capsys):
+    root = repo_root()
+    if root is None:
+        pytest.skip("needs the source checkout's exercises/")
+    assert train(tmp_path / "run", "--impl", str(root / "exercises")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Exercise TransformerWithValueHeadLora.from_pretrained" in err
 
 
 # ---------------------------------------------------------------------------------- bad input

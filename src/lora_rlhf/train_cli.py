@@ -505,6 +505,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def _trained_params(trainer) -> list:
+    return [p for group in trainer.optimizer.param_groups for p in group["params"]]
+
+
 def _continue_schedule(trainer, phases_done: int) -> None:
     """Set the learning rates to where the schedule is after ``phases_done`` phases."""
     scheduler = trainer.scheduler
@@ -577,6 +581,7 @@ class RunRecorder:
         with open(self.metrics_path, "w") as f:
             for metrics in trainer.history:
                 f.write(json.dumps(metrics) + "\n")
+        self.snapshot()
 
     def on_phase_end(self, metrics: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
@@ -587,6 +592,36 @@ class RunRecorder:
             self.samples["before"] = self._rollout_record(
                 phase, f"rollout of phase {phase}, {what}"
             )
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Keep the trained tensors, optimizer and random state as they are after a finished phase
+        (a few MB with LoRA), so that Ctrl-C in the middle of a phase saves exactly the finished
+        phases and ``--resume`` carries on as if never interrupted."""
+        import copy
+
+        trainer = self.trainer
+        self._snapshot = {
+            "phase": trainer.phase,
+            "params": [p.detach().clone() for p in _trained_params(trainer)],
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(trainer.scheduler.state_dict()),
+            "rng": _rng_state(),
+        }
+
+    def rewind(self) -> None:
+        """Undo a phase cut short: back to the state of :meth:`snapshot`."""
+        import torch
+
+        trainer, snap = self.trainer, self._snapshot
+        with torch.no_grad():
+            for param, saved in zip(_trained_params(trainer), snap["params"]):
+                param.copy_(saved)
+        trainer.optimizer.load_state_dict(snap["optimizer"])
+        trainer.scheduler.load_state_dict(snap["scheduler"])
+        _set_rng_state(snap["rng"])
+        trainer.phase = snap["phase"]
+        trainer.history = [m for m in trainer.history if m["phase"] < snap["phase"]]
 
     def _rollout_record(self, phase: int, what: str) -> dict[str, Any]:
         trainer = self.trainer
@@ -767,6 +802,15 @@ def _print_summary(
     print(f"Continue with: lora-rlhf train --resume {out} --phases {more}")
 
 
+def _unfinished(impl: str, err: NotImplementedError) -> int:
+    print(
+        f"lora-rlhf train: error: --impl {impl}: {err or 'not implemented'} — finish that "
+        "exercise (its check tells you when it is right), then train again",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def train(plan: Plan) -> int:
     """Run a checked plan; return the exit status (0, or 130 when interrupted)."""
     import torch
@@ -797,6 +841,8 @@ def train(plan: Plan) -> int:
     except (ModelUnavailableError, AdapterMismatchError) as err:
         print(f"lora-rlhf train: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except NotImplementedError as err:
+        return _unfinished(s["impl"], err)
     except KeyboardInterrupt:
         print("\nInterrupted while loading: nothing trained, nothing saved.", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -809,10 +855,14 @@ def train(plan: Plan) -> int:
     started, cpu_started, interrupted = time.perf_counter(), time.process_time(), False
     try:
         trainer.train()
+    except NotImplementedError as err:
+        return _unfinished(s["impl"], err)
     except KeyboardInterrupt:
         interrupted = True
+        recorder.rewind()
         print(
-            f"\nInterrupted: saving what was learned in {trainer.phase} phases…",
+            f"\nInterrupted: saving the {trainer.phase} finished phases (the one under way is "
+            "dropped)…",
             file=sys.stderr,
             flush=True,
         )
