@@ -24,7 +24,6 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from benchmarks.phase import store_transposed
 from lora_rlhf.lora import LoraHooks, TransformerWithValueHeadLora
 from lora_rlhf.merge import merge_lora
 
@@ -38,7 +37,7 @@ class Setup:
     model: TransformerWithValueHeadLora  # plain forward = the base model
     merged: torch.nn.Module
     tokens: Tensor
-    transposed: TransformerWithValueHeadLora | None = None  # a copy, see phase.store_transposed
+    transposed: TransformerWithValueHeadLora | None = None  # a copy, see store_transposed
     hf: torch.nn.Module | None = None  # transformers model, same base weights
     peft_same_rank: torch.nn.Module | None = None  # PEFT LoraConfig(r=rank) on q,k,v,o
     peft_exported: torch.nn.Module | None = None  # our adaptors exported to PEFT (same function)
@@ -122,6 +121,23 @@ def _add_peft(setup: Setup, rank: int, alpha: float) -> None:
 # ------------------------------------------------------------------------------------ helpers
 
 
+def store_transposed(model) -> None:
+    """Store the MLP weights and W_U column-major (same shapes, same values), in place.
+
+    TransformerLens 3.9 computes ``F.linear(x, W.T.contiguous())`` for W_in, W_gate, W_out and
+    W_U: a copy of ~430 MB of SmolLM2 weights on every forward, which autograd keeps until
+    backward. With ``W.T`` already contiguous, ``.contiguous()`` returns it as is. A design
+    alternative for the model loader, timed here; not done by the library.
+    """
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("W_in", "W_gate", "W_out"):
+                param = getattr(block.mlp, name, None)
+                if isinstance(param, torch.nn.Parameter):
+                    param.data = param.data.T.contiguous().T
+        model.unembed.W_U.data = model.unembed.W_U.data.T.contiguous().T
+
+
 def _embed_output_requires_grad(x: Tensor, hook) -> Tensor:
     """TransformerLens hook: the embedding output becomes a leaf that requires grad."""
     return x.detach().requires_grad_(True)
@@ -197,7 +213,7 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
 
     transposed = setup.transposed
 
-    def base_transposed_fwd():  # design alternative (see phase.store_transposed)
+    def base_transposed_fwd():  # design alternative (see store_transposed)
         with torch.no_grad():
             transposed(tokens)
 

@@ -47,25 +47,6 @@ def train_defaults() -> dict:
     return {**FALLBACK_DEFAULTS, **{k: v for k, v in DEFAULTS.items() if k in FALLBACK_DEFAULTS}}
 
 
-def store_transposed(model) -> None:
-    """Store the MLP weights and W_U column-major (same shapes, same values), in place.
-
-    TransformerLens 3.9 computes ``F.linear(x, W.T.contiguous())`` for W_in, W_gate, W_out and
-    W_U: a copy of ~430 MB of SmolLM2 weights on every forward, which autograd keeps until
-    backward. With ``W.T`` already contiguous, ``.contiguous()`` returns it as is. A design
-    alternative for the model loader, measured here; not done by the library.
-    """
-    import torch
-
-    with torch.no_grad():
-        for block in model.blocks:
-            for name in ("W_in", "W_gate", "W_out"):
-                param = getattr(block.mlp, name, None)
-                if isinstance(param, torch.nn.Parameter):
-                    param.data = param.data.T.contiguous().T
-        model.unembed.W_U.data = model.unembed.W_U.data.T.contiguous().T
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -97,9 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--phases", type=int, default=2, help="phases to run (the last one is timed)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--gen-len", type=int, default=d["gen_len"])
-    p.add_argument(
-        "--weights-transposed", action="store_true", help="apply store_transposed after building"
-    )
     opts = p.parse_args(argv)
     rss_after_python = _rss_mb()
 
@@ -138,9 +116,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     trainer = trainer_cls(args, show_progress=False)
-    if opts.weights_transposed:
-        for model in {id(m): m for m in (trainer.model, trainer.ref_model)}.values():
-            store_transposed(model)
     result["build_seconds"] = time.perf_counter() - start
     result["rss_after_build_mb"] = _rss_mb()
     result["peak_after_build_mb"] = _peak_rss_mb()  # the peak of loading the model(s)
@@ -166,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result["torch_threads"] = torch.get_num_threads()
     result["settings"] = {k: v for k, v in common.items() if k != "device"} | {
-        "trainer": trainer_cls.__name__,
-        "weights_transposed": opts.weights_transposed,
+        "trainer": trainer_cls.__name__
     }
     if opts.trainer == "lora":
         result["settings"] |= {"lora_rank": d["rank"], "lora_alpha": d["alpha"]}

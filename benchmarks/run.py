@@ -110,7 +110,7 @@ def run_forward(opts, meta: dict) -> dict:
     }
 
 
-def _phase_child(trainer: str, opts, *extra: str) -> dict:
+def _phase_child(trainer: str, opts) -> dict:
     cmd = [
         sys.executable,
         str(HERE / "phase.py"),
@@ -124,7 +124,6 @@ def _phase_child(trainer: str, opts, *extra: str) -> dict:
         str(opts.threads),
         "--phases",
         str(opts.phases),
-        *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.phase_timeout)
     if proc.returncode != 0:
@@ -133,18 +132,17 @@ def _phase_child(trainer: str, opts, *extra: str) -> dict:
 
 
 def run_phase(opts, meta: dict) -> dict:
-    out: dict[str, list] = {"lora": [], "full": [], "lora_transposed": [], "full_transposed": []}
-    runs = [(t, ()) for _ in range(opts.phase_processes) for t in ("full", "lora")]
-    if not opts.quick:  # the design alternative, once each
-        runs += [(t, ("--weights-transposed",)) for t in ("full", "lora")]
-    for i, (trainer, extra) in enumerate(runs):  # alternating: both see the same background load
-        _log(f"RLHF phase, {trainer} trainer {' '.join(extra)} ({i + 1}/{len(runs)})")
-        result = _phase_child(trainer, opts, *extra)
-        out[trainer + ("_transposed" if extra else "")].append(result)
-        meta["load_samples"].append(_load())
-        _log(
-            f"  peak {result['peak_rss_mb']:.0f} MB, last phase {result['phase_seconds'][-1]:.2f} s"
-        )
+    out: dict[str, list] = {"lora": [], "full": []}
+    for i in range(opts.phase_processes):  # alternating: both see the same background load
+        for trainer in ("full", "lora"):
+            _log(f"RLHF phase, {trainer} trainer, process {i + 1}/{opts.phase_processes}")
+            result = _phase_child(trainer, opts)
+            out[trainer].append(result)
+            meta["load_samples"].append(_load())
+            _log(
+                f"  peak {result['peak_rss_mb']:.0f} MB, "
+                f"last phase {result['phase_seconds'][-1]:.2f} s"
+            )
     return out
 
 

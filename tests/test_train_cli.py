@@ -311,4 +311,14 @@ def test_resume_of_a_finished_run_asks_for_more_phases(finished_run, capsys, no_
 
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, no_model_loading):
     assert main(["train", "--resume", str(tmp_path)]) == 2
-    assert "no adapter config" in capsys.readouterr().err
+    assert "no saved run there (adapter_config.json is missing)" in capsys.readouterr().err
+
+
+def test_plot_reward_curves_compares_runs(finished_run, tmp_path):
+    import matplotlib.image
+
+    from lora_rlhf.plots import plot_reward_curves
+
+    history = train_cli.read_metrics(finished_run)
+    path = plot_reward_curves({"seed 1": history, "seed 2": history[:2]}, tmp_path / "seeds.png")
+    assert matplotlib.image.imread(path).ndim == 3

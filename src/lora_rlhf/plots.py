@@ -70,3 +70,42 @@ def plot_reward_curve(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_reward_curves(
+    runs: dict[str, Sequence[dict[str, Any]]],
+    path: str | Path,
+    title: str = "RLHF with LoRA",
+    reward_label: str = "reward",
+) -> Path:
+    """Save a PNG comparing the mean reward per phase of several runs (e.g. seeds).
+
+    Args:
+        runs: ``{label: history}``, each history as for :func:`plot_reward_curve`.
+        path: where to write the PNG.
+        title: the figure's title.
+        reward_label: the reward axis' label.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, history in runs.items():
+        ax.plot([m["phase"] for m in history], [m["reward_mean"] for m in history], marker="o",
+                markersize=3, label=label)  # fmt: skip
+    ax.set_xlabel("phase")
+    ax.set_ylabel(reward_label)
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

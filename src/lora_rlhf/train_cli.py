@@ -45,10 +45,10 @@ DEFAULTS: dict[str, Any] = {
     "reward": "char_count",
     "char": ".",
     "prefix": "This is",
-    "phases": 30,
+    "phases": 24,
     "batch_size": 16,
-    "minibatches": 4,
-    "batches_per_phase": 1,
+    "minibatches": 2,
+    "batches_per_phase": 2,
     "gen_len": 8,
     "rank": 4,
     "alpha": 32.0,
@@ -214,15 +214,22 @@ class Plan:
 
 
 def _read_resume_point(spec: str) -> ResumePoint:
-    from lora_rlhf.adapters import ADAPTER_WEIGHTS, AdapterMismatchError, read_adapter_config
+    from lora_rlhf.adapters import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        AdapterMismatchError,
+        read_adapter_config,
+    )
 
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"--resume {spec}: no such file or folder")
     folder = path if path.is_dir() else path.parent
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"--resume {spec}: no saved run there ({ADAPTER_CONFIG} is missing)")
     try:
         config = read_adapter_config(folder)
-    except (FileNotFoundError, AdapterMismatchError, json.JSONDecodeError, OSError) as err:
+    except (AdapterMismatchError, json.JSONDecodeError, OSError) as err:
         raise UsageError(f"--resume {spec}: {err}") from None
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"--resume {spec}: {folder / ADAPTER_WEIGHTS} is missing")
@@ -444,9 +451,9 @@ def prepare(args: argparse.Namespace) -> Plan:
             f"pass --phases N with N > {resume.phases_done} to train further"
         )
     _check_device(args.device)
+    trainer_class = _trainer_class(settings["impl"])
     if settings["impl"] not in ("library", "solutions", "exercises"):
         settings["impl"] = str(Path(settings["impl"]).resolve())  # saved for --resume
-    trainer_class = _trainer_class(settings["impl"])
     rlhf_args = _build_args(settings, args.device, bool(args.wandb), args.wandb_project)
     if args.out:
         out = Path(args.out)
