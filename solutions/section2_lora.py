@@ -156,6 +156,16 @@ if __name__ == "__main__":
 # into the residual stream and the writes add up. The adaptor of W_O[h] must do the same:
 # `Σ_h (α/r) z_h A_o[h] B_o[h]`.
 #
+# **Sum inside the contraction.** You still write this sum, but not as a separate step:
+# `lora_o(z)` would return one d_model-wide output *per head*, a `[batch, pos, head, d_model]`
+# tensor (n_heads times the size of attn_out), only for it to be summed over `head` at once. Use
+# `lora_o`'s A, B and α/r directly instead: first `z_a = z A_o` per head, `[batch, pos, head, rank]`,
+# then put the sum into the second contraction,
+# `"batch pos head rank, head rank d_model -> batch pos d_model"`: `head` is in both inputs and not
+# in the output, so einsum sums over it. It is the same Σ_h, still (xA)B, without materialising
+# `[batch, pos, head, d_model]`: one `[.., head·rank] @ [head·rank, d_model]` product. (Cast z to
+# the adaptor's dtype first, as `Lora.forward` casts x.)
+#
 # `lora_hook_qkv` serves three hook points: dispatch on the hook's name (`hook.name` ends with
 # `hook_q`, `hook_k` or `hook_v`), and raise `ValueError` for any other name. Hooks that store
 # return nothing (the activation is unchanged); hooks that add return the new activation.
@@ -204,9 +214,16 @@ class LoraHooks(nn.Module):
     def lora_hook_out(
         self, attn_out: Float[Tensor, "batch pos d_model"], hook: HookPoint
     ) -> Float[Tensor, "batch pos d_model"]:
-        per_head = self.lora_o(self.z)
-        summed = einops.reduce(per_head, "batch pos head d_model -> batch pos d_model", "sum")
-        return attn_out + summed.to(attn_out.dtype)
+        lora_o = self.lora_o
+        z = self.z.to(lora_o.A.dtype)
+        z_a = einops.einsum(
+            z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"
+        )
+        # Σ_heads inside the contraction: `head` is in both inputs, not in the output.
+        summed = einops.einsum(
+            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"
+        )
+        return attn_out + (summed * lora_o.scaling).to(attn_out.dtype)
 
     def list_fwd_hooks(self) -> list[FwdHook]:
         """The six `(hook_name, fn)` pairs of this layer, in the order the forward pass meets them."""

@@ -151,9 +151,10 @@ MUTANTS = [
     Edit(
         "heads_averaged",
         (
-            (
-                '"batch pos head d_model -> batch pos d_model", "sum")',
-                '"batch pos head d_model -> batch pos d_model", "mean")',
+            (  # per-head outputs, then the mean over heads instead of the sum
+                '"batch pos head rank, head rank d_model -> batch pos d_model"\n        )',
+                '"batch pos head rank, head rank d_model -> batch pos head d_model"\n        )'
+                ".mean(-2)",
             ),
         ),
         catches=("hooks_out_summed",),
@@ -162,9 +163,11 @@ MUTANTS = [
     Edit(
         "only_first_head",
         (
-            (
-                'summed = einops.reduce(per_head, "batch pos head d_model -> batch pos d_model", "sum")',
-                "summed = per_head[..., 0, :]",
+            (  # head 0's adaptor output alone, no sum over heads
+                "summed = einops.einsum(\n"
+                '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"\n'
+                "        )",
+                "summed = z_a[..., 0, :] @ lora_o.B[0]",
             ),
         ),
         catches=("hooks_out_summed",),
@@ -278,9 +281,16 @@ VARIANTS = [
     Edit(
         "sum_minus_two_and_endswith",
         (
-            (
-                'summed = einops.reduce(per_head, "batch pos head d_model -> batch pos d_model", "sum")',
-                "summed = per_head.sum(-2)",
+            (  # the per-head outputs lora_o(z) (scaled), then the sum over heads as its own step
+                "z_a = einops.einsum(\n"
+                '            z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
+                "        )\n"
+                "        # Σ_heads inside the contraction: `head` is in both inputs, not in the output.\n"
+                "        summed = einops.einsum(\n"
+                '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"\n'
+                "        )\n"
+                "        return attn_out + (summed * lora_o.scaling).to(attn_out.dtype)",
+                "summed = lora_o(z).sum(-2)\n        return attn_out + summed.to(attn_out.dtype)",
             ),
             (
                 'kind = hook.name.rsplit(".", 1)[-1]',
