@@ -1,8 +1,10 @@
 """The in-process cases: forward and forward+backward of the LoRA, base, merged and PEFT models.
 
 Every case is a zero-argument callable timed by :func:`timing.time_interleaved`. All models hold
-the same base weights (the merged, transposed, transformers and PEFT models hold copies) and see
-the same tokens.
+the same base weights (the merged, transformers and PEFT models hold copies) and see the same
+tokens. (The embedded model's loader stores the MLP weights and W_U transposed, so that
+TransformerLens' per-call ``W.T.contiguous()`` copies nothing: the base and LoRA cases run on that
+layout; see ``lora_rlhf.models.smollm2``.)
 
 Backward cases need something to differentiate. The LoRA models train their adaptors (and the
 value head); a base model with frozen weights gets its gradient at the embedding output instead
@@ -37,7 +39,6 @@ class Setup:
     model: TransformerWithValueHeadLora  # plain forward = the base model
     merged: torch.nn.Module
     tokens: Tensor
-    transposed: TransformerWithValueHeadLora | None = None  # a copy, see store_transposed
     hf: torch.nn.Module | None = None  # transformers model, same base weights
     peft_same_rank: torch.nn.Module | None = None  # PEFT LoraConfig(r=rank) on q,k,v,o
     peft_exported: torch.nn.Module | None = None  # our adaptors exported to PEFT (same function)
@@ -70,18 +71,14 @@ def build(
     setup = Setup(model=model, merged=merge_lora(model), tokens=tokens)
     setup.notes["n_hooks"] = len(model.fwd_hooks)
     setup.notes["n_layers"] = model.cfg.n_layers
-    setup.transposed = copy.deepcopy(model)  # its hooks are bound to its own adaptors
-    store_transposed(setup.transposed)
     # Every variant must compute the same function as the LoRA model.
     with torch.no_grad():
         lora_logits, _ = model.forward_with_value_head(tokens)
         with model.hooks(fwd_hooks=fused_out_hooks(model)):
             fused_logits = model(tokens)
-        transposed_logits, _ = setup.transposed.forward_with_value_head(tokens)
         for name, logits in (
             ("merged", setup.merged(tokens)),
             ("fused_out", fused_logits),
-            ("transposed", transposed_logits),
         ):
             setup.notes[f"{name}_max_abs_diff"] = (logits - lora_logits).abs().max().item()
     if with_peft and model.cfg.original_architecture == "LlamaForCausalLM":
@@ -119,23 +116,6 @@ def _add_peft(setup: Setup, rank: int, alpha: float) -> None:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def store_transposed(model) -> None:
-    """Store the MLP weights and W_U column-major (same shapes, same values), in place.
-
-    TransformerLens 3.9 computes ``F.linear(x, W.T.contiguous())`` for W_in, W_gate, W_out and
-    W_U: a copy of ~430 MB of SmolLM2 weights on every forward, which autograd keeps until
-    backward. With ``W.T`` already contiguous, ``.contiguous()`` returns it as is. A design
-    alternative for the model loader, timed here; not done by the library.
-    """
-    with torch.no_grad():
-        for block in model.blocks:
-            for name in ("W_in", "W_gate", "W_out"):
-                param = getattr(block.mlp, name, None)
-                if isinstance(param, torch.nn.Parameter):
-                    param.data = param.data.T.contiguous().T
-        model.unembed.W_U.data = model.unembed.W_U.data.T.contiguous().T
 
 
 def _embed_output_requires_grad(x: Tensor, hook) -> Tensor:
@@ -211,16 +191,6 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         with torch.no_grad(), model.hooks(fwd_hooks=fused_hooks):
             model(tokens)
 
-    transposed = setup.transposed
-
-    def base_transposed_fwd():  # design alternative (see store_transposed)
-        with torch.no_grad():
-            transposed(tokens)
-
-    def lora_transposed_fwd():
-        with torch.no_grad():
-            transposed.forward_with_value_head(tokens)
-
     def hook_registration():  # adding and removing forward_with_value_head's hooks, no forward
         with model.hooks(fwd_hooks=model.fwd_hooks):
             pass
@@ -247,8 +217,6 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         "lora_fwd": lora_fwd,
         "merged_fwd": merged_fwd,
         "lora_fused_out_fwd": lora_fused_out_fwd,
-        "base_transposed_fwd": base_transposed_fwd,
-        "lora_transposed_fwd": lora_transposed_fwd,
         "hook_registration": hook_registration,
         "base_fwdbwd": base_fwdbwd,
         "lora_fwdbwd": lora_fwdbwd,

@@ -4,10 +4,14 @@
   takes ``device`` (directly or through ``tiny_llama``/``tiny_pythia``) runs once per device.
 * ``tiny_llama`` / ``tiny_pythia`` — fresh random-init models on ``device`` (~20 ms each).
 * ``smollm2_reference`` — the transformers model and tokenizer of the same GGUF, once per session.
-* ``smollm2`` — the embedded SmolLM2-135M on cpu, loaded once per session. The first load ever
-  converts the GGUF file (~25 s) and caches it under ``$LORA_RLHF_CACHE`` or
-  ``~/.cache/lora_rlhf``; the cache is left there on purpose so that later runs load in ~1 s.
-  Tests that damage a cache must point ``LORA_RLHF_CACHE`` at a temporary folder.
+* ``smollm2`` — the embedded SmolLM2-135M on cpu, loaded once per session (per xdist worker).
+* ``smollm2_mlp_lora`` — the embedded model with random non-zero attention and MLP adaptors,
+  once per session; shared by the merge and PEFT-export tests, which do not change it.
+
+The first load ever converts the GGUF file (~30 s) and caches both models under
+``$LORA_RLHF_CACHE`` or ``~/.cache/lora_rlhf``; the cache is left there on purpose so that later
+runs load each in ~1 s. Tests that damage a cache must point ``LORA_RLHF_CACHE`` at a temporary
+folder.
 """
 
 from __future__ import annotations
@@ -76,15 +80,28 @@ def smollm2() -> HookedTransformer:
 @pytest.fixture(scope="session")
 def smollm2_reference():
     """``(hf_model, hf_tokenizer)``: the transformers model de-quantized from the same GGUF file,
-    fp32 on cpu, loaded once per session (~25 s). Shared: ``copy.deepcopy`` it before changing it
-    (e.g. before PEFT wraps it)."""
+    fp32 on cpu, loaded from the cache once per session (~1 s). Shared: do not change it; a test
+    that does (e.g. PEFT wraps it) loads its own with ``hf_model_and_tokenizer()``."""
     from lora_rlhf.models.smollm2 import hf_model_and_tokenizer
 
     return hf_model_and_tokenizer(torch.float32)
 
 
+@pytest.fixture(scope="session")
+def smollm2_mlp_lora():
+    """The embedded model with random non-zero attention and MLP adaptors (``make_lora_model`` of
+    test_merge.py: α=8, r=4, B ~ N(0, 0.02²)), once per session. Shared: do not change it."""
+    from test_merge import make_lora_model
+
+    return make_lora_model("smollm2-135m", mlp=True, b_std=0.02)
+
+
+SMOLLM2_FIXTURES = {"smollm2", "smollm2_reference", "smollm2_mlp_lora"}
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the embedded model is `slow`, so `-m "not slow"` is the quick suite."""
     for item in items:
-        if {"smollm2", "smollm2_reference"} & set(getattr(item, "fixturenames", ())):
+        # fixturenames is the closure: it includes fixtures used through other fixtures.
+        if SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

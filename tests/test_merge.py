@@ -110,15 +110,10 @@ def test_merge_with_zero_adaptors_is_the_base_model():
 SMOLLM2_ATOL = 3e-4
 
 
-@pytest.fixture(scope="module")
-def smollm2_lora():
-    """The embedded model with random non-zero attention and MLP adaptors (one load per module)."""
-    return make_lora_model("smollm2-135m", mlp=True, b_std=0.02)
-
-
 @pytest.mark.slow
-def test_merged_smollm2_logits_equal_hooked_logits(smollm2_lora):
-    model = smollm2_lora
+def test_merged_smollm2_logits_equal_hooked_logits(smollm2_mlp_lora):
+    # smollm2_mlp_lora (conftest.py): make_lora_model("smollm2-135m", mlp=True, b_std=0.02)
+    model = smollm2_mlp_lora
     toks = tokens(model, seq=6)
     with torch.no_grad():
         hooked, _ = model.forward_with_value_head(toks)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import shutil
 import time
 
 import huggingface_hub.constants
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lora_rlhf.models import OFFLINE_MODELS, ModelUnavailableError, check_model_name, load_model
 from lora_rlhf.models import smollm2 as smollm2_module
 
 TINY_MODELS = ["tiny-llama", "tiny-pythia"]
+MLP_WEIGHTS = ("W_in", "W_gate", "W_out")
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, there was a little",
@@ -188,11 +188,61 @@ def test_smollm2_logits_match_transformers_dequantized_from_the_same_gguf(
 
 
 @pytest.mark.slow
+def test_smollm2_reference_is_the_transformers_model_with_the_raw_gguf_weights(
+    smollm2, smollm2_reference
+):
+    # Not TransformerLens' processed weights: its own names, shapes, and the norm weights that
+    # TransformerLens folds into the next layer (so a wrong cache cannot match both models).
+    hf_model, _ = smollm2_reference
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    assert hf_model.lm_head.weight is hf_model.model.embed_tokens.weight  # tied, as in the GGUF
+    layer = hf_model.model.layers[0]
+    assert layer.self_attn.k_proj.weight.shape == (192, 576)
+    assert not torch.equal(layer.input_layernorm.weight, torch.ones(576))
+    assert torch.equal(hf_model.model.embed_tokens.weight, smollm2.W_E)  # the one unprocessed
+    assert not any(t.is_meta for t in (*hf_model.parameters(), *hf_model.buffers()))
+
+
+@pytest.mark.slow
 def test_smollm2_greedy_continuation_knows_the_capital_of_france(smollm2):
     text = smollm2.generate(
-        "The capital of France is", max_new_tokens=5, do_sample=False, verbose=False
+        "The capital of France is", max_new_tokens=2, do_sample=False, verbose=False
     )
-    assert "Paris" in text
+    assert text == "The capital of France is Paris."
+
+
+class _LinearWeights(TorchFunctionMode):
+    """Records the storage of every weight matrix passed to ``F.linear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.data_ptrs: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.data_ptrs.add(weight.data_ptr())
+        return func(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_smollm2_forward_does_not_copy_the_mlp_and_unembedding_weights(smollm2):
+    # TransformerLens calls F.linear(x, W.T.contiguous()) with these: the loader stores them so
+    # that W.T is contiguous, and .contiguous() returns W.T itself instead of a copy.
+    weights = {"unembed.W_U": smollm2.W_U}
+    for i, block in enumerate(smollm2.blocks):
+        weights.update({f"blocks.{i}.mlp.{n}": getattr(block.mlp, n) for n in MLP_WEIGHTS})
+    assert len(weights) == 1 + 3 * smollm2.cfg.n_layers
+    for name, W in weights.items():
+        assert W.T.is_contiguous() and W.T.contiguous().data_ptr() == W.data_ptr(), name
+    mode = _LinearWeights()
+    with torch.no_grad(), mode:
+        smollm2(torch.tensor([[1, 2]]))
+    copied = [name for name, W in weights.items() if W.data_ptr() not in mode.data_ptrs]
+    assert not copied, f"F.linear got copies of {copied[:3]}"
+    # The layout is only storage: every parameter is trainable, as any loaded model's is.
+    assert all(p.requires_grad for p in smollm2.parameters())
 
 
 @pytest.mark.slow
@@ -206,67 +256,146 @@ def test_smollm2_cached_load_takes_at_most_5_s(smollm2, monkeypatch):
     again = load_model("smollm2-135m", device="cpu")
     assert time.process_time() - start <= 5.0
     assert torch.equal(again.W_U, smollm2.W_U)
+    start = time.process_time()
+    smollm2_module.hf_model_and_tokenizer()
+    assert time.process_time() - start <= 5.0
+
+
+# --------------------------------------------------------------------------- the smollm2 cache
+
+
+def write_fake_cache_files(folder, size: int = 1 << 14) -> None:
+    """What `_convert` writes, with small made-up weights files (a real conversion takes ~30 s)."""
+    for i, name in enumerate(smollm2_module.WEIGHT_FILES):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(bytes([i]) * size)
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch):
+    """An empty cache root in tmp_path, whose conversions write small made-up files (and are
+    counted in ``fake_cache.builds``)."""
+    monkeypatch.setenv("LORA_RLHF_CACHE", str(tmp_path))
+
+    class Fake:
+        builds = 0
+
+    def fake_convert(out):
+        Fake.builds += 1
+        write_fake_cache_files(out)
+
+    monkeypatch.setattr(smollm2_module, "_convert", fake_convert)
+    return Fake
 
 
 def test_cache_manifest_rejects_truncated_flipped_or_stale_weights(tmp_path):
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(bytes(range(256)) * 64)
+    write_fake_cache_files(tmp_path)
+    tl, hf = (tmp_path / name for name in smollm2_module.WEIGHT_FILES)
     manifest = {
         "cache_version": smollm2_module.CACHE_VERSION,
         "source": smollm2_module._source_id(smollm2_module.gguf_path()),
-        "sha256": smollm2_module._sha256(weights),
+        "sha256": {n: smollm2_module._sha256(tmp_path / n) for n in smollm2_module.WEIGHT_FILES},
     }
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert smollm2_module._cache_valid(tmp_path)
+    good = tl.read_bytes()
 
-    data = bytearray(weights.read_bytes())
+    data = bytearray(good)
     data[1000] ^= 0x01
-    weights.write_bytes(bytes(data))
+    tl.write_bytes(bytes(data))
     assert not smollm2_module._cache_valid(tmp_path), "a flipped bit must be detected"
 
-    weights.write_bytes(bytes(range(256)) * 32)
+    tl.write_bytes(good[: len(good) // 2])
     assert not smollm2_module._cache_valid(tmp_path), "a truncated file must be detected"
 
-    weights.write_bytes(bytes(range(256)) * 64)
-    manifest["source"]["size"] += 1
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert not smollm2_module._cache_valid(tmp_path), "a cache of another GGUF must be rebuilt"
+    tl.write_bytes(good)
+    hf.write_bytes(hf.read_bytes()[:-1])
+    assert not smollm2_module._cache_valid(tmp_path), "the transformers weights are covered too"
+    # Each loader hashes only the file it reads (0.6 s per 650 MB).
+    assert smollm2_module._cache_valid(tmp_path, [smollm2_module.TL_WEIGHTS])
+    assert not smollm2_module._cache_valid(tmp_path, [smollm2_module.HF_WEIGHTS])
+
+    hf.unlink()
+    write_fake_cache_files(tmp_path)
+    assert smollm2_module._cache_valid(tmp_path)
+    for key, stale in [
+        ("source", {**manifest["source"], "size": manifest["source"]["size"] + 1}),
+        ("cache_version", smollm2_module.CACHE_VERSION - 1),
+        ("sha256", manifest["sha256"][smollm2_module.TL_WEIGHTS]),  # version 1's manifest
+    ]:
+        (tmp_path / "manifest.json").write_text(json.dumps({**manifest, key: stale}))
+        assert not smollm2_module._cache_valid(tmp_path), f"a stale {key} must be detected"
+
+
+def test_damaged_cache_is_detected_and_rebuilt_atomically(fake_cache, tmp_path, caplog):
+    target = smollm2_module._ensure_cache()
+    assert target == smollm2_module.cache_dir() and target.parent == tmp_path
+    assert fake_cache.builds == 1 and smollm2_module._cache_valid(target)
+    smollm2_module._ensure_cache()
+    assert fake_cache.builds == 1, "a valid cache is not rebuilt"
+
+    tl = target / smollm2_module.TL_WEIGHTS
+    tl.write_bytes(tl.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING", logger=smollm2_module.log.name):
+        assert smollm2_module._ensure_cache() == target
+    assert "damaged or stale" in caplog.text
+    assert fake_cache.builds == 2 and smollm2_module._cache_valid(target)
+    # Only the renamed result is left: no temporary or old folders next to it.
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+    hf = target / smollm2_module.HF_WEIGHTS
+    hf.write_bytes(b"x" + hf.read_bytes()[1:])
+    smollm2_module._ensure_cache([smollm2_module.TL_WEIGHTS])
+    assert fake_cache.builds == 2, "loading the HookedTransformer does not read hf/"
+    smollm2_module._ensure_cache([smollm2_module.HF_WEIGHTS])
+    assert fake_cache.builds == 3 and smollm2_module._cache_valid(target)
+
+
+def test_a_failed_conversion_leaves_no_partial_cache(fake_cache, tmp_path, monkeypatch):
+    smollm2_module._ensure_cache()
+    target = smollm2_module.cache_dir()
+    (target / "manifest.json").unlink()  # damaged: it must be rebuilt
+
+    def failing_convert(out):
+        write_fake_cache_files(out, size=100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(smollm2_module, "_convert", failing_convert)
+    with pytest.raises(OSError, match="No space left"):
+        smollm2_module._ensure_cache()
+    # The damaged cache is left as it was (still detected), the partial files are gone.
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert not (target / "manifest.json").exists()
+    assert (target / smollm2_module.TL_WEIGHTS).stat().st_size == 1 << 14
 
 
 @pytest.mark.slow
-def test_corrupted_cache_is_detected_and_rebuilt(
-    smollm2, smollm2_reference, tmp_path, monkeypatch, caplog
+def test_conversion_from_the_transformers_model_reproduces_the_cache(
+    smollm2_reference, tmp_path, monkeypatch
 ):
-    # Copy the valid cache (all but the weights, which are small) to a temporary cache root,
-    # then write a truncated weights file: the one rebuild of the suite. The rebuild converts a
-    # copy of the reference model that is already loaded instead of reading the GGUF again.
+    # The real conversion code (TransformerLens' Llama conversion and weight processing, the
+    # transposed storage, the transformers weights), fed the cached transformers model cut to 2
+    # layers (for this test only) instead of the GGUF's de-quantization (~30 s): its files hold
+    # the same tensors as the cache, bit for bit. The transformers weights are saved after the
+    # conversion, so this also shows that it left them unchanged.
+    from safetensors import safe_open
+
     hf_model, hf_tokenizer = smollm2_reference
     monkeypatch.setattr(
-        smollm2_module,
-        "hf_model_and_tokenizer",
-        lambda dtype=torch.float32: (copy.deepcopy(hf_model), hf_tokenizer),
+        smollm2_module, "_hf_from_gguf", lambda dtype=torch.float32: (hf_model, hf_tokenizer)
     )
+    layers = hf_model.model.layers  # (monkeypatch would delete a module's attribute on undo)
+    try:
+        hf_model.model.layers, hf_model.config.num_hidden_layers = layers[:2], 2
+        smollm2_module._convert(tmp_path)
+    finally:
+        hf_model.model.layers, hf_model.config.num_hidden_layers = layers, len(layers)
     valid = smollm2_module.cache_dir()
-    monkeypatch.setenv("LORA_RLHF_CACHE", str(tmp_path))
-    damaged = smollm2_module.cache_dir()
-    assert damaged != valid
-    shutil.copytree(valid, damaged, ignore=shutil.ignore_patterns("model.safetensors"))
-    with open(valid / "model.safetensors", "rb") as src:
-        (damaged / "model.safetensors").write_bytes(src.read(1 << 20))
-    assert not smollm2_module._cache_valid(damaged)
-
-    with caplog.at_level("WARNING", logger=smollm2_module.log.name):
-        rebuilt = load_model("smollm2-135m", device="cpu")
-
-    assert "damaged or stale" in caplog.text
-    assert smollm2_module._cache_valid(damaged)
-    for name in [
-        "embed.W_E",
-        "unembed.W_U",
-        "blocks.0.attn.W_Q",
-        "blocks.29.attn._W_K",
-        "blocks.7.mlp.W_gate",
-    ]:
-        torch.testing.assert_close(
-            rebuilt.get_parameter(name), smollm2.get_parameter(name), atol=0, rtol=0, msg=name
-        )
+    for name, n_keys in [(smollm2_module.TL_WEIGHTS, 29), (smollm2_module.HF_WEIGHTS, 20)]:
+        with safe_open(tmp_path / name, "pt") as got, safe_open(valid / name, "pt") as want:
+            assert len(got.keys()) == n_keys and set(got.keys()) <= set(want.keys())
+            for key in got.keys():
+                assert torch.equal(got.get_tensor(key), want.get_tensor(key)), (name, key)
+    with safe_open(tmp_path / smollm2_module.TL_WEIGHTS, "pt") as got:
+        assert "unembed.W_U.T" in got.keys() and "blocks.1.mlp.W_gate.T" in got.keys()
+        assert got.get_slice("unembed.W_U.T").get_shape() == [49152, 576]

