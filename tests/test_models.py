@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
+import einops
 import huggingface_hub.constants
 import pytest
 import torch
@@ -211,7 +213,7 @@ def test_smollm2_greedy_continuation_knows_the_capital_of_france(smollm2):
     assert text == "The capital of France is Paris."
 
 
-class _LinearWeights(TorchFunctionMode):
+class LinearWeights(TorchFunctionMode):
     """Records the storage of every weight matrix passed to ``F.linear``."""
 
     def __init__(self):
@@ -226,21 +228,56 @@ class _LinearWeights(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.slow
-def test_smollm2_forward_does_not_copy_the_mlp_and_unembedding_weights(smollm2):
-    # TransformerLens calls F.linear(x, W.T.contiguous()) with these: the loader stores them so
-    # that W.T is contiguous, and .contiguous() returns W.T itself instead of a copy.
-    weights = {"unembed.W_U": smollm2.W_U}
-    for i, block in enumerate(smollm2.blocks):
-        weights.update({f"blocks.{i}.mlp.{n}": getattr(block.mlp, n) for n in MLP_WEIGHTS})
-    assert len(weights) == 1 + 3 * smollm2.cfg.n_layers
-    for name, W in weights.items():
-        assert W.T.is_contiguous() and W.T.contiguous().data_ptr() == W.data_ptr(), name
-    mode = _LinearWeights()
+def linear_weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (parameter, the weight TransformerLens 3.9 computes from it for F.linear)}`` for
+    every weight a HookedTransformer's forward passes to ``F.linear`` (grouped-query attention: the
+    real K/V weights ``_W_K``/``_W_V``, not the ``W_K``/``W_V`` properties that repeat them)."""
+
+    def qkv(W):  # utilities/attention.py, simple_attn_linear
+        return einops.rearrange(W, "head_index d_model d_head -> (head_index d_head) d_model")
+
+    def out(W):  # components/abstract_attention.py, AbstractAttention.forward
+        return einops.rearrange(W, "head_index d_head d_model -> d_model (head_index d_head)")
+
+    weights = {"unembed.W_U": (model.W_U, model.W_U.T.contiguous())}
+    for i, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        grouped = getattr(attn, "_W_K", None) is not None
+        kv = ("_W_K", "_W_V") if grouped else ("W_K", "W_V")
+        for name in ("W_Q", *kv):
+            W = getattr(attn, name)
+            weights[f"blocks.{i}.attn.{name}"] = (W, qkv(W))
+        weights[f"blocks.{i}.attn.W_O"] = (attn.W_O, out(attn.W_O).contiguous())
+        for name in MLP_WEIGHTS:
+            W = getattr(mlp, name)
+            weights[f"blocks.{i}.mlp.{name}"] = (W, W.T.contiguous())
+    return weights
+
+
+def assert_forward_copies_no_weights(model) -> None:
+    """What TransformerLens computes from each weight for F.linear is a view of the weight's
+    storage, and F.linear gets exactly these storages during a forward."""
+    weights = linear_weights(model)
+    assert len(weights) == 1 + 7 * model.cfg.n_layers
+    for name, (W, passed) in weights.items():
+        assert passed.is_contiguous() and passed.data_ptr() == W.data_ptr(), name
+    mode = LinearWeights()
     with torch.no_grad(), mode:
-        smollm2(torch.tensor([[1, 2]]))
-    copied = [name for name, W in weights.items() if W.data_ptr() not in mode.data_ptrs]
+        model(torch.tensor([[1, 2]], device=model.cfg.device))
+    copied = [name for name, (W, _) in weights.items() if W.data_ptr() not in mode.data_ptrs]
     assert not copied, f"F.linear got copies of {copied[:3]}"
+    assert mode.data_ptrs == {W.data_ptr() for W, _ in weights.values()}
+
+
+@pytest.mark.slow
+def test_smollm2_forward_does_not_copy_the_weights_it_passes_to_f_linear(smollm2):
+    # TransformerLens calls F.linear(x, W.T.contiguous()) with the MLP and unembedding weights and
+    # F.linear(x, rearrange(W, ...)) with the attention weights: the loader stores them so that
+    # the transpose or rearrangement is contiguous already, and these are views, not copies.
+    assert_forward_copies_no_weights(smollm2)
+    attn = smollm2.blocks[0].attn
+    assert attn._W_K.stride() == (64 * 576, 1, 576)  # stored as [head, d_head, d_model]
+    assert attn.W_O.stride() == (64, 1, 9 * 64)  # stored as [d_model, head, d_head]
     # The layout is only storage: every parameter is trainable, as any loaded model's is.
     assert all(p.requires_grad for p in smollm2.parameters())
 
@@ -327,6 +364,70 @@ def test_cache_manifest_rejects_truncated_flipped_or_stale_weights(tmp_path):
         assert not smollm2_module._cache_valid(tmp_path), f"a stale {key} must be detected"
 
 
+def write_manifest(folder) -> None:
+    manifest = {
+        "cache_version": smollm2_module.CACHE_VERSION,
+        "source": smollm2_module._source_id(smollm2_module.gguf_path()),
+        "sha256": {n: smollm2_module._sha256(folder / n) for n in smollm2_module.WEIGHT_FILES},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The names of the files hashed (by _sha256) from now on, with nothing verified yet."""
+    names: list[str] = []
+    real = smollm2_module._sha256
+
+    def counting_sha256(path):
+        names.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(smollm2_module, "_sha256", counting_sha256)
+    monkeypatch.setattr(smollm2_module, "_VERIFIED", {})
+    return names
+
+
+def test_a_verified_weights_file_is_hashed_again_only_when_it_changes(tmp_path, hashed):
+    write_fake_cache_files(tmp_path)
+    write_manifest(tmp_path)
+    hashed.clear()
+    tl = tmp_path / smollm2_module.TL_WEIGHTS
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for name in smollm2_module.WEIGHT_FILES:
+        os.utime(tmp_path / name, ns=(hour_ago, hour_ago))
+    assert smollm2_module._cache_valid(tmp_path) and len(hashed) == 2
+    assert smollm2_module._cache_valid(tmp_path)
+    assert smollm2_module._cache_valid(tmp_path, [smollm2_module.TL_WEIGHTS])
+    assert len(hashed) == 2, "a file verified in this process is not hashed again"
+
+    good = tl.read_bytes()
+    flipped = bytearray(good)
+    flipped[1000] ^= 0x01
+    tl.write_bytes(bytes(flipped))  # same size, same inode, another mtime
+    os.utime(tl, ns=(hour_ago + 10**9, hour_ago + 10**9))
+    assert not smollm2_module._cache_valid(tmp_path), "a changed mtime means hashing again"
+    assert hashed[2:] == [smollm2_module.TL_WEIGHTS]
+    tl.write_bytes(good[:-1])  # another size, the verified file's mtime
+    os.utime(tl, ns=(hour_ago, hour_ago))
+    assert not smollm2_module._cache_valid(tmp_path), "a changed size means hashing again"
+    assert hashed[3:] == [smollm2_module.TL_WEIGHTS]
+
+    # A file written just now is hashed every time: a change within the same timestamp tick
+    # would not change its mtime.
+    tl.write_bytes(good)
+    assert smollm2_module._cache_valid(tmp_path, [smollm2_module.TL_WEIGHTS])
+    assert smollm2_module._cache_valid(tmp_path, [smollm2_module.TL_WEIGHTS])
+    assert hashed[4:] == [smollm2_module.TL_WEIGHTS] * 2
+    # A manifest with another sum is checked against the file, not against what was remembered.
+    os.utime(tl, ns=(hour_ago, hour_ago))
+    assert smollm2_module._cache_valid(tmp_path, [smollm2_module.TL_WEIGHTS])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["sha256"][smollm2_module.TL_WEIGHTS] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert not smollm2_module._cache_valid(tmp_path, [smollm2_module.TL_WEIGHTS])
+
+
 def test_damaged_cache_is_detected_and_rebuilt_atomically(fake_cache, tmp_path, caplog):
     target = smollm2_module._ensure_cache()
     assert target == smollm2_module.cache_dir() and target.parent == tmp_path
@@ -399,3 +500,7 @@ def test_conversion_from_the_transformers_model_reproduces_the_cache(
     with safe_open(tmp_path / smollm2_module.TL_WEIGHTS, "pt") as got:
         assert "unembed.W_U.T" in got.keys() and "blocks.1.mlp.W_gate.T" in got.keys()
         assert got.get_slice("unembed.W_U.T").get_shape() == [49152, 576]
+        # F.linear's [(head d_head), d_model] and [d_model, (head d_head)], heads split out
+        assert got.get_slice("blocks.1.attn.W_Q.linear").get_shape() == [9, 64, 576]
+        assert got.get_slice("blocks.1.attn._W_V.linear").get_shape() == [3, 64, 576]
+        assert got.get_slice("blocks.1.attn.W_O.linear").get_shape() == [576, 9, 64]

