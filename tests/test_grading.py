@@ -1,9 +1,10 @@
 """The grader (`lora-rlhf grade`): scores, isolation, tamper-proofing and the report files.
 
 Each fixture submission is graded once per session, through the command line's `main`, in a
-module-scoped fixture, in three threads that share one fork server: the long grading of
-`solutions/`, the fixtures that wait for a time limit, and the quick ones. Fixture submissions are
-generated from `solutions/` and `exercises/` by small edits, so they follow the exercise file.
+module-scoped fixture, in four threads that share one fork server: the long grading of
+`solutions/`, each of the two fixtures that wait for a time limit, and the quick ones. Fixture
+submissions are generated from `solutions/` and `exercises/` by small edits, so they follow the
+exercise file.
 """
 
 from __future__ import annotations
@@ -113,12 +114,16 @@ def run_grade(path: Path, *options: str) -> Graded:
     return Graded(path, code, json.loads(results.read_text()), ET.parse(junit).getroot())
 
 
+# The hang sleeps rather than spins: the grader stops it by the wall clock either way, and a
+# spinning loop would burn a core for the 5 + 3 s that the other tests need.
 HANG_AND_EXIT = with_code_in(
     with_code_in(
-        LORA_ONLY.replace("import math\n", "import math\nimport os\n"),
+        LORA_ONLY.replace("import math\n", "import math\nimport os\nimport time\n"),
         "Lora",
         "__init__",
-        "if d_out == 48:  # only lora_init builds this shape\n    while True:\n        pass\n",
+        "if d_out == 48:  # only lora_init builds this shape\n"
+        "    while True:\n"
+        "        time.sleep(0.1)\n",
     ),
     "Lora",
     "forward",
@@ -197,9 +202,10 @@ def graded(tmp_path_factory) -> dict[str, Graded]:
     (tmp / "solutions").mkdir()
     (tmp / "solutions" / "section2_lora.py").write_text(SOLVED)  # a folder submission
     jobs["solutions"] = (tmp / "solutions", ())
-    # Three queues: the long grading of the solutions; the fixtures that mostly wait for a time
-    # limit; all the quick ones. Judges take turns (a lock), so the CPU load stays ~2 processes.
-    queues = [["solutions"], ["hang_and_exit", "over_total_time"]]
+    # Four queues: the long grading of the solutions; each of the two fixtures that mostly sleep
+    # until a time limit; all the quick ones. Judges take turns (a lock), so the CPU load stays
+    # ~2 processes.
+    queues = [["solutions"], ["hang_and_exit"], ["over_total_time"]]
     queues.append([n for n in jobs if not any(n in q for q in queues)])
 
     def grade_all(names: list[str]) -> dict[str, Graded]:

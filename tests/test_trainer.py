@@ -1,6 +1,7 @@
-"""RLHFTrainer: short runs on the tiny models, its extension points, wandb offline, and (slow)
-a real reward increase on the embedded model."""
+"""RLHFTrainer: short runs on the tiny models, its extension points, wandb offline, the reward
+moving the way it points on tiny-llama, and (slow) one PPO step on the embedded model."""
 
+import functools
 import glob
 import json
 import math
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+from lora_rlhf import trainer as trainer_module
 from lora_rlhf.args import RLHFArgs
 from lora_rlhf.ppo import (
     ReplayMemory,
@@ -20,7 +22,7 @@ from lora_rlhf.ppo import (
     get_logprobs,
     get_samples,
 )
-from lora_rlhf.rewards import reward_fn_char_count
+from lora_rlhf.rewards import reward_fn_char_count, reward_fn_no_char
 from lora_rlhf.trainer import RLHFTrainer
 
 TINY_MODELS = ["tiny-llama", "tiny-pythia"]
@@ -188,41 +190,116 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, monkeypatch):
     assert [row[1] for row in last["data"]] == trainer.samples
 
 
-def mean_char_count(model, args: RLHFArgs, n_samples: int, seed: int) -> float:
-    """Mean reward of ``n_samples`` fresh samples, drawn with their own seed (same draws for
-    every model: common random numbers make the before/after comparison less noisy)."""
+def continuation_char_count(model, args: RLHFArgs, char: str, n_samples=64, seed=123) -> float:
+    """Mean count of ``char`` in the generated part of ``n_samples`` fresh samples, drawn with
+    their own seed (the same draws for every model: common random numbers make the before/after
+    comparison less noisy)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        _, samples = get_samples(
+        ids, _ = get_samples(
             model, args.prefix, n_samples, args.gen_len, args.temperature, args.top_k, True
         )
-    return reward_fn_char_count(samples).mean().item()
+    continuations = model.to_string(ids[:, -args.gen_len :])
+    return sum(text.count(char) for text in continuations) / n_samples
 
 
-@pytest.mark.slow
-def test_full_fine_tuning_raises_the_char_count_reward():
-    """kl_coef=0 and 4 phases of 4 PPO steps each: the policy learns to write more periods.
+@pytest.mark.parametrize(
+    "reward_fn, rises",
+    [(reward_fn_char_count, True), (reward_fn_no_char, False)],
+    ids=["char_count_rises", "no_char_falls"],
+)
+def test_full_fine_tuning_moves_the_char_count_the_way_the_reward_points(reward_fn, rises):
+    """kl_coef=0 and 6 phases of 8 PPO steps on tiny-llama: the policy learns to write more "e"s
+    when they are rewarded and fewer when they are penalised.
 
-    Checked on 48 held-out samples from the trained policy and from the frozen reference (the
-    initial policy): 0.17 periods per sample before; 0.44, 1.0 and 1.44 after with seeds 1-3
-    (~100 CPU-seconds on one core).
+    The letter is "e" because the tiny tokenizer has a single "." among its 512 tokens, which the
+    random model almost never samples; "e" is in 90 of them. Checked on 64 held-out samples from
+    the trained policy and from the frozen reference (the initial policy), counting the generated
+    tokens only: 0.86 "e"s per sample before; after, 3.0 to 7.0 with seeds 1-14 when rewarded
+    (0.12 or fewer when penalised). A trainer with the advantages' sign flipped, or an optimizer
+    that minimises, ends at 0.0 to 1.1 when rewarded. ~1.5 CPU-seconds each.
     """
     args = RLHFArgs(
-        base_model="smollm2-135m",
+        base_model="tiny-llama",
+        device="cpu",
         seed=1,
-        total_phases=4,
+        total_phases=6,
         warmup_steps=0,
         final_scale=1.0,
-        batch_size=16,
+        batch_size=64,
         num_minibatches=4,
-        batches_per_learning_phase=1,
-        gen_len=8,
-        base_lr=5e-5,
+        gen_len=4,
+        base_lr=3e-3,
         kl_coef=0.0,
+        reward_fn=functools.partial(reward_fn, char="e"),
     )
     trainer = RLHFTrainer(args, show_progress=False)
     history = trainer.train()
-    before = mean_char_count(trainer.ref_model, args, n_samples=48, seed=123)
-    after = mean_char_count(trainer.model, args, n_samples=48, seed=123)
-    print(f"mean periods per sample: before {before:.3f}, after {after:.3f}")
-    assert after > before, (before, after, [m["reward_mean"] for m in history])
+    before = continuation_char_count(trainer.ref_model, args, "e")
+    after = continuation_char_count(trainer.model, args, "e")
+    print(f'mean "e"s per continuation: before {before:.3f}, after {after:.3f}')
+    rewards = [round(m["reward_mean"], 2) for m in history]
+    if rises:
+        assert after >= 2 * before, (before, after, rewards)
+    else:
+        assert after <= before / 2, (before, after, rewards)
+
+
+# A fixed rollout for the embedded model: five tokens after "This is", half of them with two
+# periods (reward 2), half with none (reward 0).
+FIXED_CONTINUATIONS = [
+    " fine. Really fine.",
+    " not a test at all",
+    " good. Very good.",
+    " what we want to do",
+    " it. Yes. No",
+    " the best way to go",
+    " yes. It is.",
+    " something I like a lot",
+]
+
+
+@pytest.mark.slow
+def test_one_ppo_step_on_the_embedded_model_favours_the_rewarded_samples(monkeypatch):
+    """Full fine-tuning of SmolLM2-135M at the default learning rate, one PPO step (kl_coef=0) on
+    a fixed rollout: the last token of each sample, the one its reward is credited to, becomes
+    more likely where the reward is 2 and less likely where it is 0, and the whole continuation
+    gains log-probability relative to the unrewarded ones.
+
+    Seeds 1-3 (the value head's initialisation): last-token changes +0.15 to +4.2 nats for the
+    rewarded samples, -0.34 to -13 for the others; with the advantages' sign flipped every one of
+    them changes sign. ~8 CPU-seconds, most of it loading the model, the reference copy and
+    AdamW's first step over 135M weights.
+    """
+    args = RLHFArgs(
+        base_model="smollm2-135m",
+        device="cpu",
+        seed=1,
+        total_phases=1,
+        warmup_steps=0,
+        batch_size=len(FIXED_CONTINUATIONS),
+        num_minibatches=1,
+        batches_per_learning_phase=1,
+        gen_len=5,
+        kl_coef=0.0,
+    )
+    trainer = RLHFTrainer(args, show_progress=False)
+    model = trainer.model
+    continuations = [model.to_tokens(c, prepend_bos=False) for c in FIXED_CONTINUATIONS]
+    assert all(c.shape == (1, args.gen_len) for c in continuations)
+    prompt = model.to_tokens(args.prefix).expand(len(continuations), -1)
+    ids = torch.cat([prompt, torch.cat(continuations)], dim=1)
+    monkeypatch.setattr(
+        trainer_module, "get_samples", lambda model, **kwargs: (ids.clone(), model.to_string(ids))
+    )
+
+    memory = trainer.rollout_phase()
+    assert trainer.rewards.tolist() == [2, 0] * 4
+    trainer.learning_phase(memory)
+    with torch.no_grad():
+        logprobs = get_logprobs(model(ids), ids, trainer.prefix_len)
+    change = logprobs - memory.logprobs  # [batch, gen_len]
+    rewarded = trainer.rewards > 0
+    assert (change[rewarded, -1] > 0).all() and (change[~rewarded, -1] < 0).all(), change[:, -1]
+    total = change.sum(-1)
+    assert total[rewarded].mean() > total[~rewarded].mean(), total
