@@ -15,10 +15,10 @@ built, trains ``--phases`` phases, and reports
 
 All figures are MiB. The ratio printed is LoRA's peak RSS over full fine-tuning's.
 
-``--no-weight-copies`` measures what TransformerLens would need without the copies it makes in
-every forward pass: its MLP and unembedding call ``F.linear(x, W.T.contiguous())``, a fresh copy
-of the weight, which autograd then keeps for the backward pass (to form the input's gradient).
-The option swaps in the same computation without ``.contiguous()`` (a transposed view).
+TransformerLens 3.9 multiplies by a fresh copy of each weight in every forward pass (its
+rearranges and ``W.T.contiguous()``), which autograd then keeps for the backward pass; the
+embedded model's cache stores each weight in the layout those calls consume, so they are views
+(see ``lora_rlhf.models.smollm2``) and neither run pays for copies.
 """
 
 from __future__ import annotations
@@ -77,25 +77,6 @@ def _tensor_mib(tensors) -> float:
     return total / MiB
 
 
-def _without_weight_copies() -> None:
-    """Patch TransformerLens' gated MLP and unembedding to multiply by the transposed views."""
-    import torch.nn.functional as F
-    from transformer_lens.components import Unembed
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
-    def gated_mlp_forward(self, x):
-        pre_act = self.hook_pre(F.linear(x, self.W_gate.T))
-        pre_linear = self.hook_pre_linear(F.linear(x, self.W_in.T))
-        post_act = self.hook_post(self.act_fn(pre_act) * pre_linear + self.b_in)
-        return F.linear(post_act, self.W_out.T, self.b_out)
-
-    def unembed_forward(self, residual):
-        return F.linear(residual, self.W_U.T, self.b_U)
-
-    GatedMLP.forward = gated_mlp_forward
-    Unembed.forward = unembed_forward
-
-
 def child(mode: str, options: argparse.Namespace) -> dict:
     import torch
 
@@ -105,8 +86,6 @@ def child(mode: str, options: argparse.Namespace) -> dict:
     from lora_rlhf.trainer import RLHFTrainer
 
     torch.set_num_threads(options.threads)
-    if options.no_weight_copies:
-        _without_weight_copies()
     result: dict = {"mode": mode, "rss_after_import": _rss()}
     settings = dict(train_cli.DEFAULTS, phases=options.phases, warmup=0, model=options.model)
     if options.batch_size:
@@ -166,11 +145,6 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (memory barely depends on it)"
     )
-    parser.add_argument(
-        "--no-weight-copies",
-        action="store_true",
-        help="patch out TransformerLens' per-forward weight copies (see the module docstring)",
-    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", choices=("lora", "full"), help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -187,8 +161,6 @@ def main() -> int:
             argv += ["--batch-size", str(options.batch_size)]
         if options.gen_len:
             argv += ["--gen-len", str(options.gen_len)]
-        if options.no_weight_copies:
-            argv.append("--no-weight-copies")
         print(f"measuring {mode} …", file=sys.stderr, flush=True)
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -208,8 +180,7 @@ def main() -> int:
         ("tensors: gradients", "gradients"),
         ("tensors: Adam state", "adam_state"),
     ]
-    copies = ", TransformerLens weight copies patched out" if options.no_weight_copies else ""
-    print(f"settings: {lora['settings']}, phases={options.phases}{copies}")
+    print(f"settings: {lora['settings']}, phases={options.phases}")
     print(f"{'MiB':28s} {'LoRA':>9s} {'full FT':>9s} {'ratio':>7s}")
     for label, key in rows:
         a, b = lora[key], full[key]
