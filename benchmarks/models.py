@@ -21,12 +21,11 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import Tensor
 
-from lora_rlhf.lora import LoraHooks, TransformerWithValueHeadLora
+from lora_rlhf.lora import TransformerWithValueHeadLora
 from lora_rlhf.merge import merge_lora
 
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -74,13 +73,8 @@ def build(
     # Every variant must compute the same function as the LoRA model.
     with torch.no_grad():
         lora_logits, _ = model.forward_with_value_head(tokens)
-        with model.hooks(fwd_hooks=fused_out_hooks(model)):
-            fused_logits = model(tokens)
-        for name, logits in (
-            ("merged", setup.merged(tokens)),
-            ("fused_out", fused_logits),
-        ):
-            setup.notes[f"{name}_max_abs_diff"] = (logits - lora_logits).abs().max().item()
+        merged_logits = setup.merged(tokens)
+        setup.notes["merged_max_abs_diff"] = (merged_logits - lora_logits).abs().max().item()
     if with_peft and model.cfg.original_architecture == "LlamaForCausalLM":
         _add_peft(setup, rank, alpha)
     return setup
@@ -147,25 +141,6 @@ def _trainable(params: list[torch.nn.Parameter]):
             p.grad = None
 
 
-def _fused_lora_hook_out(layer: LoraHooks, attn_out: Tensor, hook) -> Tensor:
-    """lora_hook_out with the sum over heads inside the contraction: Σ_h (z_h A_h) B_h is one
-    [.., heads·rank] @ [heads·rank, d_model] product, never the per-head [.., heads, d_model]."""
-    lora_o = layer.lora_o
-    z_a = torch.einsum("...hd,hdr->...hr", layer.z, lora_o.A)
-    return attn_out + torch.einsum("...hr,hrm->...m", z_a, lora_o.B) * lora_o.scaling
-
-
-def fused_out_hooks(model: TransformerWithValueHeadLora) -> list:
-    """``model.fwd_hooks`` with every ``lora_hook_out`` replaced by :func:`_fused_lora_hook_out`:
-    a design alternative, timed to show what the exercise's per-head form costs."""
-    hooks = []
-    for name, fn in model.fwd_hooks:
-        if getattr(fn, "__func__", None) is LoraHooks.lora_hook_out:
-            fn = partial(_fused_lora_hook_out, fn.__self__)
-        hooks.append((name, fn))
-    return hooks
-
-
 # -------------------------------------------------------------------------------------- cases
 
 
@@ -173,7 +148,6 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
     """Every timed case, by name (see ``CASE_TITLES`` in report.py for what each measures)."""
     model, merged, tokens = setup.model, setup.merged, setup.tokens
     base_params = model.base_model_params()
-    fused_hooks = fused_out_hooks(model)
 
     def base_fwd():
         with torch.no_grad():
@@ -186,10 +160,6 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
     def merged_fwd():
         with torch.no_grad():
             merged(tokens)
-
-    def lora_fused_out_fwd():  # design alternative (see fused_out_hooks)
-        with torch.no_grad(), model.hooks(fwd_hooks=fused_hooks):
-            model(tokens)
 
     def hook_registration():  # adding and removing forward_with_value_head's hooks, no forward
         with model.hooks(fwd_hooks=model.fwd_hooks):
@@ -216,7 +186,6 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         "base_fwd": base_fwd,
         "lora_fwd": lora_fwd,
         "merged_fwd": merged_fwd,
-        "lora_fused_out_fwd": lora_fused_out_fwd,
         "hook_registration": hook_registration,
         "base_fwdbwd": base_fwdbwd,
         "lora_fwdbwd": lora_fwdbwd,

