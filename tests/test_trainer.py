@@ -203,6 +203,34 @@ def continuation_char_count(model, args: RLHFArgs, char: str, n_samples=64, seed
     return sum(text.count(char) for text in continuations) / n_samples
 
 
+def tiny_char_run(reward_fn, prepare=None) -> tuple[float, float, list[float]]:
+    """Full fine-tuning of tiny-llama for 6 phases with ``reward_fn`` for the letter "e";
+    ``prepare(trainer)`` may change the trainer first. The mean count of "e" per continuation of
+    the frozen reference (before) and the trained policy (after), and the phases' rewards."""
+    args = RLHFArgs(
+        base_model="tiny-llama",
+        device="cpu",
+        seed=1,
+        total_phases=6,
+        warmup_steps=0,
+        final_scale=1.0,
+        batch_size=64,
+        num_minibatches=4,
+        gen_len=4,
+        base_lr=3e-3,
+        kl_coef=0.0,
+        reward_fn=functools.partial(reward_fn, char="e"),
+    )
+    trainer = RLHFTrainer(args, show_progress=False)
+    if prepare is not None:
+        prepare(trainer)
+    history = trainer.train()
+    before = continuation_char_count(trainer.ref_model, args, "e")
+    after = continuation_char_count(trainer.model, args, "e")
+    print(f'mean "e"s per continuation: before {before:.3f}, after {after:.3f}')
+    return before, after, [round(m["reward_mean"], 2) for m in history]
+
+
 @pytest.mark.parametrize(
     "reward_fn, rises",
     [(reward_fn_char_count, True), (reward_fn_no_char, False)],
@@ -219,30 +247,30 @@ def test_full_fine_tuning_moves_the_char_count_the_way_the_reward_points(reward_
     (0.12 or fewer when penalised). A trainer with the advantages' sign flipped, or an optimizer
     that minimises, ends at 0.0 to 1.1 when rewarded. ~1.5 CPU-seconds each.
     """
-    args = RLHFArgs(
-        base_model="tiny-llama",
-        device="cpu",
-        seed=1,
-        total_phases=6,
-        warmup_steps=0,
-        final_scale=1.0,
-        batch_size=64,
-        num_minibatches=4,
-        gen_len=4,
-        base_lr=3e-3,
-        kl_coef=0.0,
-        reward_fn=functools.partial(reward_fn, char="e"),
-    )
-    trainer = RLHFTrainer(args, show_progress=False)
-    history = trainer.train()
-    before = continuation_char_count(trainer.ref_model, args, "e")
-    after = continuation_char_count(trainer.model, args, "e")
-    print(f'mean "e"s per continuation: before {before:.3f}, after {after:.3f}')
-    rewards = [round(m["reward_mean"], 2) for m in history]
+    before, after, rewards = tiny_char_run(reward_fn)
     if rises:
         assert after >= 2 * before, (before, after, rewards)
     else:
         assert after <= before / 2, (before, after, rewards)
+
+
+def _minimise(trainer) -> None:
+    for group in trainer.optimizer.param_groups:
+        group["maximize"] = False
+
+
+@pytest.mark.parametrize("broken", ["advantages_negated", "optimizer_minimises"])
+def test_the_reward_direction_check_fails_a_broken_trainer(broken, monkeypatch):
+    """The check above has power: a trainer that pushes the wrong way does not double the
+    rewarded letter (measured: 0.0 to 1.1 "e"s per continuation against 0.86 before)."""
+    prepare = None
+    if broken == "advantages_negated":
+        compute = trainer_module.compute_advantages
+        monkeypatch.setattr(trainer_module, "compute_advantages", lambda *a, **k: -compute(*a, **k))
+    else:
+        prepare = _minimise
+    before, after, rewards = tiny_char_run(reward_fn_char_count, prepare)
+    assert after < 2 * before, (before, after, rewards)
 
 
 # A fixed rollout for the embedded model: five tokens after "This is", half of them with two
