@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "reward": "char_count",
     "char": ".",
     "prefix": "This is",
-    "phases": 24,
+    "phases": 30,
     "batch_size": 16,
     "minibatches": 2,
     "batches_per_phase": 2,
