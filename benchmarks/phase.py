@@ -19,33 +19,6 @@ import resource
 import sys
 import time
 
-# The train CLI's defaults (kept here too, so this runs before the CLI exists or if it moves).
-FALLBACK_DEFAULTS = {
-    "model": "smollm2-135m",
-    "batch_size": 16,
-    "minibatches": 2,
-    "batches_per_phase": 2,
-    "gen_len": 8,
-    "rank": 4,
-    "alpha": 32.0,
-    "base_lr": 2e-3,
-    "head_lr": 1e-3,
-    "kl_coef": 0.05,
-    "ent_coef": 0.001,
-    "warmup": 2,
-    "phases": 30,
-    "prefix": "This is",
-    "seed": 1,
-}
-
-
-def train_defaults() -> dict:
-    try:
-        from lora_rlhf.train_cli import DEFAULTS
-    except ImportError:
-        return dict(FALLBACK_DEFAULTS)
-    return {**FALLBACK_DEFAULTS, **{k: v for k, v in DEFAULTS.items() if k in FALLBACK_DEFAULTS}}
-
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -69,7 +42,9 @@ def _peak_rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    d = train_defaults()
+    from lora_rlhf import train_cli  # the command's defaults and options (it imports no torch)
+
+    d = train_cli.DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trainer", choices=("lora", "full"), required=True)
     p.add_argument("--model", default=d["model"])
@@ -81,36 +56,31 @@ def main(argv: list[str] | None = None) -> dict:
     opts = p.parse_args(argv)
     rss_after_python = _rss_mb()
 
+    import dataclasses
+
     import torch
 
     from lora_rlhf.args import RLHFArgs
-    from lora_rlhf.lora import RLHFArgsLora, RLHFTrainerLora
+    from lora_rlhf.lora import RLHFTrainerLora
     from lora_rlhf.trainer import RLHFTrainer
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    common = dict(
-        base_model=opts.model,
-        device=opts.device,
+    # `lora-rlhf train`'s own arguments, as its options build them (the schedule spans at least
+    # the default run, so the timed phase is not in warm-up).
+    settings = dict(
+        d,
+        model=opts.model,
         batch_size=opts.batch_size,
         gen_len=opts.gen_len,
-        num_minibatches=d["minibatches"],
-        batches_per_learning_phase=d["batches_per_phase"],
-        base_lr=d["base_lr"],
-        head_lr=d["head_lr"],
-        kl_coef=d["kl_coef"],
-        ent_coef=d["ent_coef"],
-        warmup_steps=d["warmup"],
-        total_phases=max(d["phases"], opts.phases, d["warmup"] + 1),
-        prefix=d["prefix"],
-        seed=d["seed"],
+        phases=max(d["phases"], opts.phases, d["warmup"] + 1),
     )
+    lora_args = train_cli._build_args(settings, opts.device, False, "benchmark")
     if opts.trainer == "lora":
-        args = RLHFArgsLora(**common, lora_rank=d["rank"], lora_alpha=d["alpha"])
-        trainer_cls = RLHFTrainerLora
-    else:
-        args = RLHFArgs(**common)
-        trainer_cls = RLHFTrainer
+        args, trainer_cls = lora_args, RLHFTrainerLora
+    else:  # Section 1's trainer on the same settings, without the LoRA fields
+        shared = {f.name: getattr(lora_args, f.name) for f in dataclasses.fields(RLHFArgs)}
+        args, trainer_cls = RLHFArgs(**shared), RLHFTrainer
     cuda = opts.device.startswith("cuda")
     result: dict = {"rss_after_python_mb": rss_after_python, "rss_after_imports_mb": _rss_mb()}
 
@@ -140,11 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not n.startswith(("lora.", "value_head."))
     )
     result["torch_threads"] = torch.get_num_threads()
-    result["settings"] = {k: v for k, v in common.items() if k != "device"} | {
-        "trainer": trainer_cls.__name__
-    }
-    if opts.trainer == "lora":
-        result["settings"] |= {"lora_rank": d["rank"], "lora_alpha": d["alpha"]}
+    result["settings"] = {
+        key: getattr(args, key)
+        for key in (
+            "base_model", "batch_size", "gen_len", "num_minibatches",
+            "batches_per_learning_phase", "base_lr", "head_lr", "kl_coef", "ent_coef",
+            "warmup_steps", "total_phases", "prefix", "seed", "lora_rank", "lora_alpha",
+        )
+        if hasattr(args, key)
+    } | {"trainer": trainer_cls.__name__}  # fmt: skip
     print(json.dumps(result))
     return result
 

@@ -639,20 +639,10 @@ class RunRecorder:
         """Sample a fresh batch from the trained policy (leaving the random state untouched)."""
         import torch
 
-        from lora_rlhf.ppo import get_samples
-
-        trainer, args = self.trainer, self.plan.rlhf_args
+        trainer = self.trainer
         devices = [trainer.device] if trainer.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            _, samples = get_samples(
-                trainer.model,
-                prompt=args.prefix,
-                batch_size=args.batch_size,
-                gen_len=args.gen_len,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                prepend_bos=args.prepend_bos,
-            )
+            _, samples = trainer.sample()
         rewards = trainer.compute_rewards(samples).tolist()
         self.samples["after"] = {
             "phase": trainer.phase,

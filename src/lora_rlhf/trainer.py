@@ -151,10 +151,11 @@ class RLHFTrainer:
 
     # ------------------------------------------------------------------ PPO
 
-    def rollout_phase(self) -> ReplayMemory:
-        """Sample a batch, score it and store what the learning phase needs."""
+    def sample(self) -> tuple[Tensor, list[str]]:
+        """A batch of samples from the policy, with the run's prompt and sampling settings: the
+        token ids ``[batch_size, prefix_len + gen_len]`` and their texts."""
         args = self.args
-        sample_ids, samples = get_samples(
+        return get_samples(
             self.model,
             prompt=args.prefix,
             batch_size=args.batch_size,
@@ -163,6 +164,11 @@ class RLHFTrainer:
             top_k=args.top_k,
             prepend_bos=args.prepend_bos,
         )
+
+    def rollout_phase(self) -> ReplayMemory:
+        """Sample a batch, score it and store what the learning phase needs."""
+        args = self.args
+        sample_ids, samples = self.sample()
         with torch.no_grad():
             logits, values = self.model.forward_with_value_head(sample_ids)
             ref_logits = self.ref_model(sample_ids)
