@@ -110,6 +110,75 @@ def test_entropy_of_uniform_policy_is_log_vocab_and_finite_for_extreme_logits(lo
     assert torch.isfinite(calc_entropy_bonus(extreme, 1.0, GEN_LEN))
 
 
+def _plain_kl(x, y):  # the textbook formula, through autograd
+    logp, logq = x.log_softmax(-1), y.log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _plain_entropy(x):
+    logp = x.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_kl_and_entropy_gradients_equal_autograd_of_the_plain_formulas(scale):
+    """calc_kl_penalty and calc_entropy_bonus compute their own backward (to keep no softmax for
+    it): their gradients must equal autograd's through the plain formulas, for the policy's logits
+    and also for reference logits that require grad; float64, random weights on each term."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(BATCH, SEQ, D_VOCAB, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    y = (torch.randn(BATCH, SEQ, D_VOCAB, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    cut = slice(-GEN_LEN - 1, -1)
+    w = torch.rand(3, generator=g, dtype=torch.float64)
+    ours = (
+        w[0] * calc_kl_penalty(x, y, kl_coef=1.0, gen_len=GEN_LEN)
+        + w[1] * calc_entropy_bonus(x, ent_coef=1.0, gen_len=GEN_LEN)
+        + w[2] * calc_kl_penalty(y, x, kl_coef=1.0, gen_len=GEN_LEN)
+    )
+    plain = (
+        w[0] * _plain_kl(x[:, cut], y[:, cut]).mean()
+        + w[1] * _plain_entropy(x[:, cut]).mean()
+        + w[2] * _plain_kl(y[:, cut], x[:, cut]).mean()
+    )
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(ours, (x, y))
+    want = torch.autograd.grad(plain, (x, y))
+    assert want[0].abs().max() > 1e-3 and want[1].abs().max() > 1e-3  # non-trivial gradients
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # and torch's own finite-difference check, on a smaller case
+    small = (x[:1, -3:].detach().clone().requires_grad_(), y[:1, -3:].detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, b: calc_kl_penalty(a, b, 1.0, 2), small)
+    assert torch.autograd.gradcheck(lambda a: calc_entropy_bonus(a, 1.0, 2), small[:1])
+
+
+def test_log_probs_kl_and_entropy_keep_no_vocabulary_sized_tensor_for_backward():
+    """What makes the LoRA phase's memory peak: every tensor kept for backward that is as big as
+    the logits' generated positions. get_logprobs, the KL penalty and the entropy bonus may keep
+    views of the logits they were given (in memory anyway), but no new tensor of that size."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(BATCH, SEQ, D_VOCAB, generator=g, requires_grad=True)
+    ref_logits = torch.randn(BATCH, SEQ, D_VOCAB, generator=g)
+    tokens = torch.randint(0, D_VOCAB, (BATCH, SEQ), generator=g)
+    inputs = {logits.untyped_storage().data_ptr(), ref_logits.untyped_storage().data_ptr()}
+    new_big = []
+
+    def pack(t):
+        if t.numel() >= BATCH * GEN_LEN * D_VOCAB and t.untyped_storage().data_ptr() not in inputs:
+            new_big.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total = (
+            get_logprobs(logits, tokens, PREFIX_LEN).sum()
+            + calc_kl_penalty(logits, ref_logits, 0.5, GEN_LEN)
+            + calc_entropy_bonus(logits, 0.1, GEN_LEN)
+        )
+    assert new_big == [], f"tensors of the logits' size kept for backward: {new_big}"
+    total.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 # ---------------------------------------------------------------------------- value loss
 
 
@@ -313,9 +382,17 @@ def make_memory(batch_size=8, num_minibatches=2, batches_per_learning_phase=3, g
         logprobs=torch.randn(batch_size, gen_len),
         advantages=advantages,
         values=values,
-        ref_logits=torch.randn(batch_size, seq, 5),
+        ref_logits=_full_ref_logits(batch_size, seq),
     )
     return args, memory
+
+
+def _full_ref_logits(batch_size: int, seq: int) -> torch.Tensor:
+    """ref_logits[b, s, v] = 100 b + 10 s + v: each entry names its place."""
+    b, s, v = torch.meshgrid(
+        torch.arange(batch_size), torch.arange(seq), torch.arange(5), indexing="ij"
+    )
+    return (100 * b + 10 * s + v).float()
 
 
 def test_replay_memory_serves_each_sample_once_per_pass():
@@ -335,12 +412,13 @@ def test_replay_minibatch_shapes_and_returns():
     for mb in memory.get_minibatches():
         assert mb.sample_ids.shape == (2, 3 + args.gen_len)
         assert mb.logprobs.shape == mb.advantages.shape == mb.returns.shape == (2, args.gen_len)
-        assert mb.ref_logits.shape == (2, 3 + args.gen_len, 5)
+        assert mb.ref_logits.shape == (2, args.gen_len, 5)  # only the generated positions
         rows = mb.sample_ids[:, 0]
         # returns = advantages + values at the positions predicting the generated tokens
         expected = memory.advantages[rows] + memory.values[rows][:, -args.gen_len - 1 : -1]
         torch.testing.assert_close(mb.returns, expected)
         torch.testing.assert_close(mb.logprobs, memory.logprobs[rows])
+        torch.testing.assert_close(mb.ref_logits, _full_ref_logits(6, 3 + args.gen_len)[rows][:, -args.gen_len - 1 : -1])
 
 
 # ---------------------------------------------------------------------------- optimizer, schedule

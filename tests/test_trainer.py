@@ -111,7 +111,8 @@ def test_rollout_phase_fills_the_replay_memory():
     assert memory.sample_ids.shape == (6, seq)
     assert memory.logprobs.shape == memory.advantages.shape == (6, 5)
     assert memory.values.shape == (6, seq)
-    assert memory.ref_logits.shape == (6, seq, trainer.model.cfg.d_vocab)
+    # the reference logits are kept at the generated positions only (the KL penalty's)
+    assert memory.ref_logits.shape == (6, 5, trainer.model.cfg.d_vocab)
     assert trainer.rewards.shape == (6,) and len(trainer.samples) == 6
     assert not memory.logprobs.requires_grad and not memory.ref_logits.requires_grad
 
@@ -130,7 +131,7 @@ def test_rlhf_objective_combines_the_four_terms():
         logits, values = trainer.model.forward_with_value_head(minibatch.sample_ids)
     cut = slice(-args.gen_len - 1, -1)
     logprobs = get_logprobs(logits, minibatch.sample_ids, trainer.prefix_len)
-    kl = calc_kl_penalty(logits[:, cut], minibatch.ref_logits[:, cut], args.kl_coef, args.gen_len)
+    kl = calc_kl_penalty(logits[:, cut], minibatch.ref_logits, args.kl_coef, args.gen_len)
     assert kl.item() > 0
     expected = (
         calc_clipped_surrogate_objective(

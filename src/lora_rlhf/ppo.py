@@ -7,6 +7,7 @@ tensors (they take the generated positions themselves) or tensors already cut to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from lora_rlhf.args import RLHFArgs
@@ -97,13 +99,15 @@ class ReplayMinibatch:
     logprobs: Float[Tensor, "minibatch gen_len"]
     advantages: Float[Tensor, "minibatch gen_len"]
     returns: Float[Tensor, "minibatch gen_len"]
-    ref_logits: Float[Tensor, "minibatch seq d_vocab"]
+    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"]
 
 
 class ReplayMemory:
     """A rollout's data, served as shuffled minibatches.
 
     ``returns = advantages + values`` at the generated positions (the targets of the value head).
+    Only the generated positions of ``ref_logits`` are kept (the KL penalty reads no others): a
+    full-sequence tensor is cut to ``[batch, gen_len, d_vocab]`` on the way in.
     """
 
     def __init__(
@@ -113,37 +117,55 @@ class ReplayMemory:
         logprobs: Float[Tensor, "batch gen_len"],
         advantages: Float[Tensor, "batch gen_len"],
         values: Float[Tensor, "batch seq"],
-        ref_logits: Float[Tensor, "batch seq d_vocab"],
+        ref_logits: Float[Tensor, "batch seq d_vocab"] | Float[Tensor, "batch gen_len d_vocab"],
     ) -> None:
         self.args = args
         self.sample_ids = sample_ids
         self.logprobs = logprobs
         self.advantages = advantages
         self.values = values
-        self.ref_logits = ref_logits
+        # A copy, so that the caller's full-sequence tensor can be freed.
+        self.ref_logits = gen_positions(ref_logits, args.gen_len).contiguous()
 
     @property
     def returns(self) -> Float[Tensor, "batch gen_len"]:
         return self.advantages + gen_positions(self.values, self.args.gen_len)
 
-    def get_minibatches(self) -> list[ReplayMinibatch]:
+    def get_minibatches(self) -> _Minibatches:
         """``batches_per_learning_phase`` random partitions of the batch into ``num_minibatches``
-        minibatches each: every sample appears once per partition."""
-        returns = self.returns
-        minibatches = []
-        for _ in range(self.args.batches_per_learning_phase):
-            permutation = torch.randperm(self.args.batch_size, device=self.sample_ids.device)
-            for indices in permutation.reshape(self.args.num_minibatches, -1):
-                minibatches.append(
-                    ReplayMinibatch(
-                        sample_ids=self.sample_ids[indices],
-                        logprobs=self.logprobs[indices],
-                        advantages=self.advantages[indices],
-                        returns=returns[indices],
-                        ref_logits=self.ref_logits[indices],
-                    )
-                )
-        return minibatches
+        minibatches each: every sample appears once per partition.
+
+        A sequence of minibatches, each gathered from the memory when it is read: a loop over it
+        holds one minibatch's copy of the reference logits at a time, not the whole phase's.
+        """
+        rows = [
+            indices
+            for _ in range(self.args.batches_per_learning_phase)
+            for indices in torch.randperm(
+                self.args.batch_size, device=self.sample_ids.device
+            ).reshape(self.args.num_minibatches, -1)
+        ]
+        return _Minibatches(self, rows, self.returns)
+
+
+class _Minibatches(Sequence):
+    """The minibatches of a :class:`ReplayMemory`, gathered on access (see ``get_minibatches``)."""
+
+    def __init__(self, memory: ReplayMemory, rows: list[Tensor], returns: Tensor) -> None:
+        self._memory, self._rows, self._returns = memory, rows, returns
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> ReplayMinibatch:  # type: ignore[override]
+        indices, m = self._rows[i], self._memory  # a list raises IndexError past the end
+        return ReplayMinibatch(
+            sample_ids=m.sample_ids[indices],
+            logprobs=m.logprobs[indices],
+            advantages=m.advantages[indices],
+            returns=self._returns[indices],
+            ref_logits=m.ref_logits[indices],
+        )
 
 
 def get_logprobs(
@@ -158,9 +180,12 @@ def get_logprobs(
     generated ones), i.e. logits from position ``prefix_len - 1`` on (``out_len = seq - prefix_len``).
     """
     start = 0 if prefix_len is None else prefix_len - 1
-    logprobs = logits[:, start:-1].log_softmax(dim=-1)
+    logits = logits[:, start:-1]
     next_tokens = tokens[:, start + 1 :]
-    return logprobs.gather(dim=-1, index=next_tokens.unsqueeze(-1)).squeeze(-1)
+    # log p(t) = x_t − logsumexp(x): the same as log_softmax(x)[t], but backward then needs only
+    # the logits (already in memory), not a saved [batch, seq, d_vocab] log-softmax.
+    chosen = logits.gather(dim=-1, index=next_tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - logits.logsumexp(dim=-1)
 
 
 def calc_kl_penalty(
@@ -171,9 +196,7 @@ def calc_kl_penalty(
 ) -> Float[Tensor, ""]:
     """``kl_coef`` times the mean, over samples and generated positions, of KL(π ‖ π_ref) over the
     full vocabulary. Computed from log-softmax, so it stays finite for extreme logits."""
-    logprobs = gen_positions(logits, gen_len).log_softmax(dim=-1)
-    ref_logprobs = gen_positions(ref_logits, gen_len).log_softmax(dim=-1)
-    kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(dim=-1)
+    kl = _KLDivergence.apply(gen_positions(logits, gen_len), gen_positions(ref_logits, gen_len))
     return kl_coef * kl.mean()
 
 
@@ -181,9 +204,63 @@ def calc_entropy_bonus(
     logits: Float[Tensor, "batch seq d_vocab"], ent_coef: float, gen_len: int
 ) -> Float[Tensor, ""]:
     """``ent_coef`` times the mean entropy of the policy at the generated positions."""
-    logprobs = gen_positions(logits, gen_len).log_softmax(dim=-1)
-    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    entropy = _Entropy.apply(gen_positions(logits, gen_len))
     return ent_coef * entropy.mean()
+
+
+# The KL penalty and the entropy bonus as autograd functions that keep only their inputs for the
+# backward pass (views of logits that are in memory anyway) and recompute the softmax there.
+# Written with plain tensor operations, each would keep two or three tensors the size of the
+# logits' generated positions ([minibatch, gen_len, d_vocab]: 12 MiB each for 8 × 8 × 49152) until
+# backward: ~60 MiB of a LoRA phase's peak. tests/test_ppo.py checks values and gradients against
+# those plain formulas.
+
+
+class _Entropy(torch.autograd.Function):
+    """H(softmax(x)) over the last axis: ``-Σ p log p``."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        logprobs = logits.log_softmax(dim=-1)
+        entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+        ctx.save_for_backward(logits, entropy)
+        return entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        logits, entropy = ctx.saved_tensors
+        logprobs = logits.log_softmax(dim=-1)
+        probs = logprobs.exp()
+        # ∂H/∂x_j = -p_j (log p_j + H)
+        return probs.mul_(logprobs.add_(entropy.unsqueeze(-1))).mul_(-grad.unsqueeze(-1))
+
+
+class _KLDivergence(torch.autograd.Function):
+    """KL(softmax(x) ‖ softmax(y)) over the last axis: ``Σ p (log p − log q)``."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ref_logits: Tensor) -> Tensor:
+        logprobs = logits.log_softmax(dim=-1)
+        log_ratio = ref_logits.log_softmax(dim=-1).neg_().add_(logprobs)
+        kl = (logprobs.exp_() * log_ratio).sum(dim=-1)
+        ctx.save_for_backward(logits, ref_logits, kl)
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        logits, ref_logits, kl = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        logprobs = logits.log_softmax(dim=-1)
+        ref_logprobs = ref_logits.log_softmax(dim=-1)
+        grad_logits = grad_ref = None
+        if ctx.needs_input_grad[1]:  # ∂KL/∂y_j = q_j − p_j
+            grad_ref = (ref_logprobs.exp() - logprobs.exp()).mul_(grad)
+        if ctx.needs_input_grad[0]:  # ∂KL/∂x_j = p_j (log p_j − log q_j − KL)
+            log_ratio = logprobs - ref_logprobs
+            grad_logits = logprobs.exp_().mul_(log_ratio.sub_(kl.unsqueeze(-1))).mul_(grad)
+        return grad_logits, grad_ref
 
 
 def calc_value_function_loss(
