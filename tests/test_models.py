@@ -498,8 +498,10 @@ def test_conversion_from_the_transformers_model_reproduces_the_cache(
             for key in got.keys():
                 assert torch.equal(got.get_tensor(key), want.get_tensor(key)), (name, key)
     with safe_open(tmp_path / smollm2_module.TL_WEIGHTS, "pt") as got:
-        assert "unembed.W_U.T" in got.keys() and "blocks.1.mlp.W_gate.T" in got.keys()
-        assert got.get_slice("unembed.W_U.T").get_shape() == [49152, 576]
+        assert "blocks.1.mlp.W_gate.T" in got.keys()
+        # tied unembedding: no W_U; the final norm keeps its weight, the transformers model's
+        assert "unembed.W_U.T" not in got.keys()
+        assert torch.equal(got.get_tensor("ln_final.w"), hf_model.model.norm.weight)
         # F.linear's [(head d_head), d_model] and [d_model, (head d_head)], heads split out
         assert got.get_slice("blocks.1.attn.W_Q.linear").get_shape() == [9, 64, 576]
         assert got.get_slice("blocks.1.attn._W_V.linear").get_shape() == [3, 64, 576]

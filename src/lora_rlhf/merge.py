@@ -20,9 +20,11 @@ import copy
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
+from transformer_lens.components import RMSNorm
 
 from lora_rlhf.adapters import ATTN_TARGETS, MLP_TARGETS, adaptor_values
 from lora_rlhf.checks.reference import merge_into
+from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed_to_embed, unembed_is_tied
 
 MLP_WEIGHTS = {"mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out"}
 
@@ -69,6 +71,10 @@ def _plain_copy(model: HookedTransformer) -> HookedTransformer:
     cfg.init_weights, cfg.tokenizer_name = False, None
     with torch.device("meta"):
         merged = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+        if isinstance(model.ln_final, RMSNorm) and not isinstance(merged.ln_final, RMSNorm):
+            # a tied unembedding keeps the final norm's weight (lora_rlhf.models.sharing)
+            merged.ln_final = RMSNorm(cfg)
+            merged.setup()
     cfg.init_weights, cfg.tokenizer_name = init_weights, tokenizer_name
     merged.tokenizer = model.tokenizer
     wanted = merged.state_dict()  # meta tensors: the names and dtypes
@@ -84,7 +90,9 @@ def _plain_copy(model: HookedTransformer) -> HookedTransformer:
     left = [n for n, t in (*merged.named_parameters(), *merged.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"cannot merge: no weights for {', '.join(left[:3])}")
-    return merged.eval()
+    if unembed_is_tied(model):  # one embedding matrix, as in `model`
+        tie_unembed_to_embed(merged)
+    return share_rotary_tables(merged.eval())
 
 
 @torch.no_grad()

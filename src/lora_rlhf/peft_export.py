@@ -395,11 +395,15 @@ def hf_llama_from_hooked(model: HookedTransformer, norm_weights: LlamaNormWeight
     def attn_in(W, w, n):  # [n, d_model, d_head] -> [(n d_head), d_model]
         return einops.rearrange(unfold(W, w), "n m h -> (n h) m", n=n)
 
-    state = {
-        "model.embed_tokens.weight": model.W_E,
-        "model.norm.weight": norms.final,
-        "lm_head.weight": unfold(model.W_U, norms.final).T,
-    }
+    state = {"model.embed_tokens.weight": model.W_E}
+    if isinstance(getattr(model.ln_final, "w", None), torch.Tensor):
+        # The final norm kept its weight (a tied unembedding, see lora_rlhf.models.sharing):
+        # W_U holds none of it.
+        state["model.norm.weight"] = model.ln_final.w.detach()
+        state["lm_head.weight"] = model.W_U.T
+    else:
+        state["model.norm.weight"] = norms.final
+        state["lm_head.weight"] = unfold(model.W_U, norms.final).T
     for i, block in enumerate(model.blocks):
         attn, mlp, p = block.attn, block.mlp, f"model.layers.{i}."
         grouped = getattr(attn, "_W_K", None) is not None

