@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lora_rlhf.lora import TransformerWithValueHeadLora
 from lora_rlhf.merge import merge_lora
+from lora_rlhf.value_head import attached_hooks
 
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -102,7 +103,7 @@ def _add_peft(setup: Setup, rank: int, alpha: float) -> None:
         exported = PeftModel.from_pretrained(copy.deepcopy(hf), tmp, is_trainable=True)
     setup.peft_exported = exported.eval()
     setup.notes["hf_attn_implementation"] = hf.config._attn_implementation
-    with torch.no_grad(), model.hooks(fwd_hooks=model.lora_fwd_hooks):
+    with torch.no_grad(), attached_hooks(model, model.lora_fwd_hooks):
         ours = model(tokens)
     with torch.no_grad():
         theirs = exported(input_ids=tokens, use_cache=False).logits
@@ -157,16 +158,26 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         with torch.no_grad():
             model.forward_with_value_head(tokens)
 
+    def lora_only_fwd():  # the LoRA model: base + adaptors, no value head (what PEFT computes)
+        with torch.no_grad(), attached_hooks(model, model.lora_fwd_hooks):
+            model(tokens)
+
+    def lora_only_fwdbwd():
+        model.zero_grad(set_to_none=True)
+        with attached_hooks(model, model.lora_fwd_hooks):
+            logits = model(tokens)
+        logits.mean().backward()
+
     def merged_fwd():
         with torch.no_grad():
             merged(tokens)
 
     def hook_registration():  # adding and removing forward_with_value_head's hooks, no forward
-        with model.hooks(fwd_hooks=model.fwd_hooks):
+        with attached_hooks(model, model.fwd_hooks):
             pass
 
     def base_fwdbwd():
-        with model.hooks(fwd_hooks=[("hook_embed", _embed_output_requires_grad)]):
+        with attached_hooks(model, [("hook_embed", _embed_output_requires_grad)]):
             logits = model(tokens)
         logits.mean().backward()
 
@@ -178,13 +189,15 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
     def full_ft_fwdbwd():  # what the LoRA trainer replaces: every weight trained
         model.zero_grad(set_to_none=True)
         with _trainable(base_params):
-            with model.hooks(fwd_hooks=[model.value_head_hook]):
+            with attached_hooks(model, [model.value_head_hook]):
                 logits = model(tokens)
             (logits.mean() + model.value_head_output.mean()).backward()
 
     out = {
         "base_fwd": base_fwd,
         "lora_fwd": lora_fwd,
+        "lora_only_fwd": lora_only_fwd,
+        "lora_only_fwdbwd": lora_only_fwdbwd,
         "merged_fwd": merged_fwd,
         "hook_registration": hook_registration,
         "base_fwdbwd": base_fwdbwd,
@@ -197,18 +210,8 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
 
 
 def _peft_cases(setup: Setup) -> dict[str, Callable[[], object]]:
-    model, tokens, hf = setup.model, setup.tokens, setup.hf
+    tokens, hf = setup.tokens, setup.hf
     peft_same_rank, peft_exported = setup.peft_same_rank, setup.peft_exported
-
-    def lora_only_fwd():  # our adaptors without the value head: what PEFT computes
-        with torch.no_grad(), model.hooks(fwd_hooks=model.lora_fwd_hooks):
-            model(tokens)
-
-    def lora_only_fwdbwd():
-        model.zero_grad(set_to_none=True)
-        with model.hooks(fwd_hooks=model.lora_fwd_hooks):
-            logits = model(tokens)
-        logits.mean().backward()
 
     def hf_fwd(m):
         def run():
@@ -230,8 +233,6 @@ def _peft_cases(setup: Setup) -> dict[str, Callable[[], object]]:
         return run
 
     return {
-        "lora_only_fwd": lora_only_fwd,
-        "lora_only_fwdbwd": lora_only_fwdbwd,
         "hf_base_fwd": hf_fwd(hf),
         "hf_base_fwdbwd": hf_base_fwdbwd,
         "peft_fwd": hf_fwd(peft_same_rank),

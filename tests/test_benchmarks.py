@@ -37,7 +37,9 @@ def test_a_quick_run_writes_the_table_and_keeps_the_prose_around_it(tmp_path):
 
     text = out.read_text()
     assert "prose before" in text and "prose after" in text and "stale" not in text
-    assert "| 1 | Forward: LoRA `forward_with_value_head` vs base `forward` |" in text
+    assert (
+        "| 1 | Forward: LoRA model (base + adaptors: `lora_fwd_hooks`) vs base `forward` |" in text
+    )
     assert "| 3 | Forward: merged model" in text
     notes = results["forward"]["notes"]
     assert notes["merged_max_abs_diff"] < 1e-4  # the merged model computes the LoRA model

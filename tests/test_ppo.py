@@ -126,8 +126,12 @@ def test_kl_and_entropy_gradients_equal_autograd_of_the_plain_formulas(scale):
     it): their gradients must equal autograd's through the plain formulas, for the policy's logits
     and also for reference logits that require grad; float64, random weights on each term."""
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(BATCH, SEQ, D_VOCAB, generator=g, dtype=torch.float64) * scale).requires_grad_()
-    y = (torch.randn(BATCH, SEQ, D_VOCAB, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    x = (
+        torch.randn(BATCH, SEQ, D_VOCAB, generator=g, dtype=torch.float64) * scale
+    ).requires_grad_()
+    y = (
+        torch.randn(BATCH, SEQ, D_VOCAB, generator=g, dtype=torch.float64) * scale
+    ).requires_grad_()
     cut = slice(-GEN_LEN - 1, -1)
     w = torch.rand(3, generator=g, dtype=torch.float64)
     ours = (
@@ -147,7 +151,10 @@ def test_kl_and_entropy_gradients_equal_autograd_of_the_plain_formulas(scale):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # and torch's own finite-difference check, on a smaller case
-    small = (x[:1, -3:].detach().clone().requires_grad_(), y[:1, -3:].detach().clone().requires_grad_())
+    small = (
+        x[:1, -3:].detach().clone().requires_grad_(),
+        y[:1, -3:].detach().clone().requires_grad_(),
+    )
     assert torch.autograd.gradcheck(lambda a, b: calc_kl_penalty(a, b, 1.0, 2), small)
     assert torch.autograd.gradcheck(lambda a: calc_entropy_bonus(a, 1.0, 2), small[:1])
 
@@ -418,7 +425,9 @@ def test_replay_minibatch_shapes_and_returns():
         expected = memory.advantages[rows] + memory.values[rows][:, -args.gen_len - 1 : -1]
         torch.testing.assert_close(mb.returns, expected)
         torch.testing.assert_close(mb.logprobs, memory.logprobs[rows])
-        torch.testing.assert_close(mb.ref_logits, _full_ref_logits(6, 3 + args.gen_len)[rows][:, -args.gen_len - 1 : -1])
+        torch.testing.assert_close(
+            mb.ref_logits, _full_ref_logits(6, 3 + args.gen_len)[rows][:, -args.gen_len - 1 : -1]
+        )
 
 
 # ---------------------------------------------------------------------------- optimizer, schedule

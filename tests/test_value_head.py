@@ -94,3 +94,53 @@ def test_without_value_head_there_are_no_hooks_to_run():
     assert model.value_head is None and model.get_value_head_params() == []
     with pytest.raises(RuntimeError, match="use_value_head=False"):
         _ = model.fwd_hooks
+
+
+def test_attached_hooks_call_like_transformer_lens_hooks_and_leave_none(model, tokens):
+    """attached_hooks (forward_with_value_head's lean registration) against TransformerLens' own
+    `model.hooks`: same activations replaced, in the same order, same hook point passed; nothing
+    left registered, also after an exception; unknown names are named."""
+    from lora_rlhf.value_head import attached_hooks
+
+    def run(context):
+        calls = []
+
+        def scale(x, hook):
+            calls.append(("scale", hook.name))
+            return x * 1.5
+
+        def shift(x, hook):
+            calls.append(("shift", hook.name))
+            return x + 0.25
+
+        def look(x, hook):
+            calls.append(("look", hook.name))
+
+        hooks = [
+            ("blocks.0.attn.hook_q", scale),
+            ("blocks.0.attn.hook_q", shift),  # two on one point: list order
+            ("blocks.1.hook_mlp_out", look),
+            ("blocks.1.hook_resid_post", shift),
+        ]
+        with torch.no_grad(), context(hooks):
+            logits = model(tokens)
+        return logits, calls
+
+    ours, our_calls = run(lambda hooks: attached_hooks(model, hooks))
+    theirs, their_calls = run(lambda hooks: model.hooks(fwd_hooks=hooks))
+    assert our_calls == their_calls and len(our_calls) == 4
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with torch.no_grad():
+        assert (ours - model(tokens)).abs().max() > 1e-3  # the hooks did change the logits
+    assert registered_hooks(model) == 0
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), attached_hooks(model, [("hook_embed", boom)]):
+        model(tokens)
+    assert registered_hooks(model) == 0
+    with pytest.raises(KeyError, match="blocks.0.nope"):
+        with attached_hooks(model, [("hook_embed", boom), ("blocks.0.nope", boom)]):
+            pass
+    assert registered_hooks(model) == 0
