@@ -275,7 +275,8 @@ def hook_times(setup: Setup, rounds: int) -> dict[str, float]:
 
 
 def param_counts(model: TransformerWithValueHeadLora) -> dict[str, int]:
-    n = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    # each tensor once: a tied W_U (the view W_E.T) holds W_E's numbers
+    n = lambda params: sum({(p.data_ptr(), p.numel()): p.numel() for p in params}.values())  # noqa: E731
     return {
         "base": n(model.base_model_params()),
         "lora": n(model.lora_params()),

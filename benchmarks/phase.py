@@ -41,6 +41,11 @@ def _peak_rss_mb() -> float:
     return _ru_maxrss_mb()
 
 
+def _distinct_numel(params) -> int:
+    """Numbers held by `params`, each tensor once: a tied W_U (the view W_E.T) is W_E's numbers."""
+    return sum({(p.data_ptr(), p.numel()): p.numel() for p in params}.values())
+
+
 def main(argv: list[str] | None = None) -> dict:
     from lora_rlhf import train_cli  # the command's defaults and options (it imports no torch)
 
@@ -98,16 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["phase_seconds"] = [m["phase_seconds"] for m in phases]
     result["rollout_seconds"] = [m["rollout_seconds"] for m in phases]
 
-    trainable = {id(p): p for g in trainer.optimizer.param_groups for p in g["params"]}
-    in_memory = {id(p): p for m in (trainer.model, trainer.ref_model) for p in m.parameters()}
+    trainable = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    in_memory = [p for m in (trainer.model, trainer.ref_model) for p in m.parameters()]
     value_head = trainer.model.get_value_head_params()
-    result["trainable_params"] = sum(p.numel() for p in trainable.values())
-    result["value_head_params"] = sum(p.numel() for p in value_head)
-    result["params_in_memory"] = sum(p.numel() for p in in_memory.values())
-    result["base_params"] = sum(
-        p.numel()
-        for n, p in trainer.model.named_parameters()
-        if not n.startswith(("lora.", "value_head."))
+    result["trainable_params"] = _distinct_numel(trainable)
+    result["value_head_params"] = _distinct_numel(value_head)
+    result["params_in_memory"] = _distinct_numel(in_memory)
+    result["base_params"] = _distinct_numel(
+        p for n, p in trainer.model.named_parameters() if not n.startswith(("lora.", "value_head."))
     )
     result["torch_threads"] = torch.get_num_threads()
     result["settings"] = {
