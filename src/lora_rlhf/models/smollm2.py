@@ -412,11 +412,14 @@ def load_smollm2(
 ) -> HookedTransformer:
     """The embedded SmolLM2-135M-Instruct as a HookedTransformer (9 query heads, 3 K/V heads).
 
-    ``W_in``, ``W_gate``, ``W_out``, ``W_U`` and the attention weights ``W_Q``, ``_W_K``, ``_W_V``,
-    ``W_O`` are permuted views of storage in ``F.linear``'s layout (module docstring): same
-    shapes and values; code that needs them contiguous (e.g. safetensors' ``save_file``) must
-    call ``.contiguous()``, and code that copies them keeps the layout (and the speed) only if it
-    keeps their strides (``torch.empty_strided``, ``clone(memory_format=torch.preserve_format)``).
+    ``W_in``, ``W_gate``, ``W_out`` and the attention weights ``W_Q``, ``_W_K``, ``_W_V``, ``W_O``
+    are permuted views of storage in ``F.linear``'s layout (module docstring): same shapes and
+    values; code that needs them contiguous (e.g. safetensors' ``save_file``) must call
+    ``.contiguous()``, and code that copies them keeps the layout (and the speed) only if it keeps
+    their strides (``torch.empty_strided``, ``clone(memory_format=torch.preserve_format)``).
+    ``W_U`` is the view ``W_E.T`` and ``ln_final`` an ``RMSNorm`` with the final norm's weight (a
+    tied unembedding, as in the original: :mod:`lora_rlhf.models.sharing`); code that trains
+    ``W_U`` on its own calls :func:`~lora_rlhf.models.sharing.untie_unembed` first.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
