@@ -412,6 +412,13 @@ def test_replay_memory_serves_each_sample_once_per_pass():
         assert sorted(one_pass) == list(range(args.batch_size))
     counts = np.bincount(sum(seen, []), minlength=args.batch_size)
     assert (counts == args.batches_per_learning_phase).all()
+    # a sequence like a list: the same minibatch each time it is read, slices, negative indices
+    torch.testing.assert_close(
+        minibatches[-1].sample_ids, minibatches[len(minibatches) - 1].sample_ids
+    )
+    assert [mb.sample_ids[:, 0].tolist() for mb in minibatches[1:3]] == seen[1:3]
+    with pytest.raises(IndexError):
+        minibatches[len(minibatches)]
 
 
 def test_replay_minibatch_shapes_and_returns():

@@ -157,7 +157,9 @@ class _Minibatches(Sequence):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, i: int) -> ReplayMinibatch:  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> ReplayMinibatch | list[ReplayMinibatch]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         indices, m = self._rows[i], self._memory  # a list raises IndexError past the end
         return ReplayMinibatch(
             sample_ids=m.sample_ids[indices],
