@@ -72,15 +72,10 @@ class FusedLayer:
         return flat.view(out.shape)
 
     def hooks(self):
-        i = self.layer.layer_idx
-        return [
-            (f"blocks.{i}.ln1.hook_normalized", self.store_x),
-            (f"blocks.{i}.attn.hook_q", self.add_q),
-            (f"blocks.{i}.attn.hook_k", self.add_k),
-            (f"blocks.{i}.attn.hook_v", self.add_v),
-            (f"blocks.{i}.attn.hook_z", self.store_z),
-            (f"blocks.{i}.hook_attn_out", self.add_out),
-        ]
+        """The course's six hook points (``LoraHooks.list_fwd_hooks``, same order), these functions."""
+        names = [name for name, _ in self.layer.list_fwd_hooks()]
+        fns = [self.store_x, self.add_q, self.add_k, self.add_v, self.store_z, self.add_out]
+        return list(zip(names, fns, strict=True))
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lora_rlhf.lora import TransformerWithValueHeadLora
 from lora_rlhf.merge import merge_lora
+from lora_rlhf.models.sharing import distinct_tensors
 from lora_rlhf.value_head import attached_hooks
 
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -276,7 +277,7 @@ def hook_times(setup: Setup, rounds: int) -> dict[str, float]:
 
 def param_counts(model: TransformerWithValueHeadLora) -> dict[str, int]:
     # each tensor once: a tied W_U (the view W_E.T) holds W_E's numbers
-    n = lambda params: sum({(p.data_ptr(), p.numel()): p.numel() for p in params}.values())  # noqa: E731
+    n = lambda params: sum(p.numel() for p in distinct_tensors(params))  # noqa: E731
     return {
         "base": n(model.base_model_params()),
         "lora": n(model.lora_params()),

@@ -41,11 +41,6 @@ def _peak_rss_mb() -> float:
     return _ru_maxrss_mb()
 
 
-def _distinct_numel(params) -> int:
-    """Numbers held by `params`, each tensor once: a tied W_U (the view W_E.T) is W_E's numbers."""
-    return sum({(p.data_ptr(), p.numel()): p.numel() for p in params}.values())
-
-
 def main(argv: list[str] | None = None) -> dict:
     from lora_rlhf import train_cli  # the command's defaults and options (it imports no torch)
 
@@ -67,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lora_rlhf.args import RLHFArgs
     from lora_rlhf.lora import RLHFTrainerLora
+    from lora_rlhf.models.sharing import distinct_tensors
     from lora_rlhf.trainer import RLHFTrainer
 
     if opts.threads:
@@ -103,13 +99,16 @@ def main(argv: list[str] | None = None) -> dict:
     result["phase_seconds"] = [m["phase_seconds"] for m in phases]
     result["rollout_seconds"] = [m["rollout_seconds"] for m in phases]
 
+    def _numel(params) -> int:  # each tensor once (a tied W_U holds W_E's numbers)
+        return sum(p.numel() for p in distinct_tensors(params))
+
     trainable = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     in_memory = [p for m in (trainer.model, trainer.ref_model) for p in m.parameters()]
     value_head = trainer.model.get_value_head_params()
-    result["trainable_params"] = _distinct_numel(trainable)
-    result["value_head_params"] = _distinct_numel(value_head)
-    result["params_in_memory"] = _distinct_numel(in_memory)
-    result["base_params"] = _distinct_numel(
+    result["trainable_params"] = _numel(trainable)
+    result["value_head_params"] = _numel(value_head)
+    result["params_in_memory"] = _numel(in_memory)
+    result["base_params"] = _numel(
         p for n, p in trainer.model.named_parameters() if not n.startswith(("lora.", "value_head."))
     )
     result["torch_threads"] = torch.get_num_threads()

@@ -69,13 +69,9 @@ def _reset_peak() -> bool:
 
 def _tensor_mib(tensors) -> float:
     """Bytes held by `tensors`, each once (a tied W_U, the view W_E.T, is W_E's bytes)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or (t.data_ptr(), t.numel()) in seen:
-            continue
-        seen.add((t.data_ptr(), t.numel()))
-        total += t.numel() * t.element_size()
-    return total / MiB
+    from lora_rlhf.models.sharing import distinct_tensors
+
+    return sum(t.numel() * t.element_size() for t in distinct_tensors(tensors)) / MiB
 
 
 def child(mode: str, options: argparse.Namespace) -> dict:

@@ -12,6 +12,7 @@ from lora_rlhf.args import RLHFArgs
 from lora_rlhf.merge import merge_lora
 from lora_rlhf.models import load_model
 from lora_rlhf.models.sharing import (
+    distinct_tensors,
     share_frozen_copies,
     share_rotary_tables,
     tie_unembed,
@@ -177,3 +178,14 @@ def test_full_fine_tuning_unties_the_policy_and_ties_its_frozen_reference(monkey
     trainer.run_phase()
     torch.testing.assert_close(ref.W_E, W_E_ref, rtol=0, atol=0)  # the reference never moves
     assert not torch.equal(policy.W_U, policy.W_E.T)  # trained as two parameters
+
+
+def test_distinct_tensors_counts_a_tied_unembedding_once():
+    model, w = folded_tiny_llama()
+    before = sum(p.numel() for p in distinct_tensors(model.parameters()))
+    assert before == sum(p.numel() for p in model.parameters())  # untied: every tensor its own
+    tie_unembed(model, w)
+    params = list(model.parameters())
+    distinct = distinct_tensors([*params, None, params[0]])
+    assert len(distinct) == len(params) - 1
+    assert sum(p.numel() for p in distinct) == before - model.W_U.numel() + model.cfg.d_model

@@ -19,10 +19,23 @@ A frozen copy of a model (the reference policy of full fine-tuning) can share bo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.components import RMSNorm, RMSNormPre
+
+
+def distinct_tensors(tensors: Iterable[Tensor | None]) -> list[Tensor]:
+    """`tensors` without repeats and without ``None``: tensors on the same memory with the same
+    number of elements count once (a tied ``W_U``, the view ``W_E.T``, is ``W_E``) — for counting
+    the parameters or bytes a model holds."""
+    seen: dict[tuple[int, int], Tensor] = {}
+    for t in tensors:
+        if t is not None:
+            seen.setdefault((t.data_ptr(), t.numel()), t)
+    return list(seen.values())
 
 
 def unembed_is_tied(model: HookedTransformer) -> bool:
