@@ -186,6 +186,83 @@ def test_log_probs_kl_and_entropy_keep_no_vocabulary_sized_tensor_for_backward()
     assert torch.isfinite(logits.grad).all()
 
 
+def test_get_logprobs_gradient_equals_autograd_of_log_softmax_gather():
+    """get_logprobs computes its own backward (one sequence at a time): it must equal autograd's
+    through log_softmax + gather in float64, for a token repeated in a row and extreme logits."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (1.0, 30.0):
+        x = (
+            torch.randn(BATCH, SEQ, D_VOCAB, generator=g, dtype=torch.float64) * scale
+        ).requires_grad_()
+        tokens = torch.randint(0, D_VOCAB, (BATCH, SEQ), generator=g)
+        tokens[0, -2:] = tokens[0, -3]  # the same token at neighbouring positions
+        w = torch.rand(BATCH, SEQ - PREFIX_LEN, generator=g, dtype=torch.float64)
+        ours = (w * get_logprobs(x, tokens, PREFIX_LEN)).sum()
+        cut = x[:, PREFIX_LEN - 1 : -1].log_softmax(-1)
+        plain = (w * cut.gather(-1, tokens[:, PREFIX_LEN:, None]).squeeze(-1)).sum()
+        torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+        got, want = torch.autograd.grad(ours, x)[0], torch.autograd.grad(plain, x)[0]
+        assert want.abs().max() > 1e-3
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    small = x[:1, -4:].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: get_logprobs(a, tokens[:1, -4:], 2), (small,))
+
+
+def test_log_probs_kl_and_entropy_never_build_a_tensor_of_the_batchs_logits_size():
+    """While computing (forward and backward), get_logprobs, the KL penalty and the entropy bonus
+    work one sequence at a time: apart from the gradients they return, no operation may produce a
+    tensor bigger than one sequence's [gen_len, d_vocab] block. (Plain formulas build several the
+    size of the whole batch's logits, which is what made the peak of a LoRA phase.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(BATCH, SEQ, D_VOCAB, generator=g, requires_grad=True)
+    ref_logits = torch.randn(BATCH, SEQ, D_VOCAB, generator=g)
+    tokens = torch.randint(0, D_VOCAB, (BATCH, SEQ), generator=g)
+    block = SEQ * D_VOCAB
+
+    class NewBigTensors(TorchDispatchMode):
+        """Records every operation that allocates a tensor bigger than one sequence's block
+        (views and in-place/``out=`` results share an input's storage and are not counted)."""
+
+        def __init__(self, allowed=()):
+            super().__init__()
+            self.allowed, self.big = allowed, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            shared = {a.untyped_storage().data_ptr() for a in inputs}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.numel() > block
+                    and t.untyped_storage().data_ptr() not in shared
+                    and func.overloadpacket not in self.allowed
+                ):
+                    self.big.append(f"{func}: {tuple(t.shape)}")
+            return out
+
+    with NewBigTensors() as forward_mode:
+        terms = [
+            get_logprobs(logits, tokens, PREFIX_LEN).sum(),
+            calc_kl_penalty(logits, ref_logits, 0.5, GEN_LEN),
+            calc_entropy_bonus(logits, 0.1, GEN_LEN),
+        ]
+    assert forward_mode.big == [], f"batch-sized temporaries in forward: {forward_mode.big}"
+    # In backward each function allocates only the gradient it returns (empty); autograd itself
+    # then pads it to the full sequence (slice_backward: the slice of generated positions).
+    aten = torch.ops.aten
+    for term in terms:
+        with NewBigTensors(
+            allowed=(aten.empty, aten.new_zeros, aten.zeros, aten.slice_backward)
+        ) as backward_mode:
+            (grad,) = torch.autograd.grad(term, logits)
+        assert backward_mode.big == [], f"batch-sized temporaries in backward: {backward_mode.big}"
+        assert torch.isfinite(grad).all()
+
+
 # ---------------------------------------------------------------------------- value loss
 
 

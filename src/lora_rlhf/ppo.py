@@ -7,6 +7,7 @@ tensors (they take the generated positions themselves) or tensors already cut to
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -184,10 +185,7 @@ def get_logprobs(
     start = 0 if prefix_len is None else prefix_len - 1
     logits = logits[:, start:-1]
     next_tokens = tokens[:, start + 1 :]
-    # log p(t) = x_t − logsumexp(x): the same as log_softmax(x)[t], but backward then needs only
-    # the logits (already in memory), not a saved [batch, seq, d_vocab] log-softmax.
-    chosen = logits.gather(dim=-1, index=next_tokens.unsqueeze(-1)).squeeze(-1)
-    return chosen - logits.logsumexp(dim=-1)
+    return _LogProb.apply(logits, next_tokens)
 
 
 def calc_kl_penalty(
@@ -210,12 +208,50 @@ def calc_entropy_bonus(
     return ent_coef * entropy.mean()
 
 
-# The KL penalty and the entropy bonus as autograd functions that keep only their inputs for the
-# backward pass (views of logits that are in memory anyway) and recompute the softmax there.
-# Written with plain tensor operations, each would keep two or three tensors the size of the
-# logits' generated positions ([minibatch, gen_len, d_vocab]: 12 MiB each for 8 × 8 × 49152) until
-# backward: ~60 MiB of a LoRA phase's peak. tests/test_ppo.py checks values and gradients against
-# those plain formulas.
+# Log-probs, the KL penalty and the entropy bonus as autograd functions that keep only their
+# inputs for the backward pass (views of logits that are in memory anyway) and recompute the
+# softmax there, one sequence at a time. Written with plain tensor operations, each would keep
+# two or three tensors the size of the logits' generated positions ([minibatch, gen_len, d_vocab]:
+# 12 MiB each for 8 × 8 × 49152) until backward, and build several more at once while computing;
+# here a temporary is one sequence's [gen_len, d_vocab] (1.5 MiB). That peak is most of what a
+# LoRA phase holds beyond the model (docs/training.md, "Memory"). tests/test_ppo.py checks values
+# and gradients against the plain formulas.
+
+
+def _row_blocks(t: Tensor) -> list[tuple]:
+    """Indices of `t`'s ``[seq, d_vocab]`` blocks (one per sequence; the whole of a 2-D `t`)."""
+    if t.dim() <= 2:
+        return [(...,)]
+    return list(itertools.product(*(range(n) for n in t.shape[:-2])))
+
+
+def _empty_like_contiguous(t: Tensor) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+class _LogProb(torch.autograd.Function):
+    """``log softmax(x)[t]`` over the last axis, for one index `t` per row: ``x_t − logsumexp(x)``."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor) -> Tensor:
+        index = index.unsqueeze(-1)
+        lse = _empty_like_contiguous(logits[..., 0])
+        for i in _row_blocks(logits):
+            torch.logsumexp(logits[i], dim=-1, out=lse[i])
+        ctx.save_for_backward(logits, index, lse)
+        return logits.gather(dim=-1, index=index).squeeze(-1) - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, index, lse = ctx.saved_tensors
+        grad_logits = _empty_like_contiguous(logits)
+        for i in _row_blocks(logits):
+            # ∂/∂x_j = [j = t] − p_j
+            probs = logits[i].sub(lse[i].unsqueeze(-1)).exp_()
+            torch.mul(probs, grad[i].neg().unsqueeze(-1), out=grad_logits[i])
+        grad_logits.scatter_add_(-1, index, grad.unsqueeze(-1))
+        return grad_logits, None
 
 
 class _Entropy(torch.autograd.Function):
@@ -223,8 +259,11 @@ class _Entropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
-        logprobs = logits.log_softmax(dim=-1)
-        entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+        entropy = _empty_like_contiguous(logits[..., 0])
+        for i in _row_blocks(logits):
+            logprobs = logits[i].log_softmax(dim=-1)
+            torch.sum(logprobs.exp() * logprobs, dim=-1, out=entropy[i])
+        entropy.neg_()
         ctx.save_for_backward(logits, entropy)
         return entropy
 
@@ -232,10 +271,13 @@ class _Entropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         logits, entropy = ctx.saved_tensors
-        logprobs = logits.log_softmax(dim=-1)
-        probs = logprobs.exp()
-        # ∂H/∂x_j = -p_j (log p_j + H)
-        return probs.mul_(logprobs.add_(entropy.unsqueeze(-1))).mul_(-grad.unsqueeze(-1))
+        grad_logits = _empty_like_contiguous(logits)
+        for i in _row_blocks(logits):
+            logprobs = logits[i].log_softmax(dim=-1)
+            # ∂H/∂x_j = -p_j (log p_j + H)
+            scale = logprobs.add(entropy[i].unsqueeze(-1)).mul_(grad[i].neg().unsqueeze(-1))
+            torch.mul(logprobs.exp_(), scale, out=grad_logits[i])
+        return grad_logits
 
 
 class _KLDivergence(torch.autograd.Function):
@@ -243,9 +285,11 @@ class _KLDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, ref_logits: Tensor) -> Tensor:
-        logprobs = logits.log_softmax(dim=-1)
-        log_ratio = ref_logits.log_softmax(dim=-1).neg_().add_(logprobs)
-        kl = (logprobs.exp_() * log_ratio).sum(dim=-1)
+        kl = _empty_like_contiguous(logits[..., 0])
+        for i in _row_blocks(logits):
+            logprobs = logits[i].log_softmax(dim=-1)
+            log_ratio = ref_logits[i].log_softmax(dim=-1).neg_().add_(logprobs)
+            torch.sum(logprobs.exp_().mul_(log_ratio), dim=-1, out=kl[i])
         ctx.save_for_backward(logits, ref_logits, kl)
         return kl
 
@@ -253,15 +297,18 @@ class _KLDivergence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         logits, ref_logits, kl = ctx.saved_tensors
-        grad = grad.unsqueeze(-1)
-        logprobs = logits.log_softmax(dim=-1)
-        ref_logprobs = ref_logits.log_softmax(dim=-1)
-        grad_logits = grad_ref = None
-        if ctx.needs_input_grad[1]:  # ∂KL/∂y_j = q_j − p_j
-            grad_ref = (ref_logprobs.exp() - logprobs.exp()).mul_(grad)
-        if ctx.needs_input_grad[0]:  # ∂KL/∂x_j = p_j (log p_j − log q_j − KL)
-            log_ratio = logprobs - ref_logprobs
-            grad_logits = logprobs.exp_().mul_(log_ratio.sub_(kl.unsqueeze(-1))).mul_(grad)
+        want_logits, want_ref = ctx.needs_input_grad[:2]
+        grad_logits = _empty_like_contiguous(logits) if want_logits else None
+        grad_ref = _empty_like_contiguous(ref_logits) if want_ref else None
+        for i in _row_blocks(logits):
+            g = grad[i].unsqueeze(-1)
+            logprobs = logits[i].log_softmax(dim=-1)
+            ref_logprobs = ref_logits[i].log_softmax(dim=-1)
+            if want_ref:  # ∂KL/∂y_j = q_j − p_j
+                torch.mul(ref_logprobs.exp() - logprobs.exp(), g, out=grad_ref[i])
+            if want_logits:  # ∂KL/∂x_j = p_j (log p_j − log q_j − KL)
+                scale = ref_logprobs.neg_().add_(logprobs).sub_(kl[i].unsqueeze(-1)).mul_(g)
+                torch.mul(logprobs.exp_(), scale, out=grad_logits[i])
         return grad_logits, grad_ref
 
 

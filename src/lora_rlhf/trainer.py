@@ -29,6 +29,7 @@ from transformer_lens import HookedTransformer
 
 from lora_rlhf.args import RLHFArgs
 from lora_rlhf.devices import default_device
+from lora_rlhf.memory import lean_heap, release_freed_memory
 from lora_rlhf.models.sharing import share_frozen_copies, untie_unembed
 from lora_rlhf.ppo import (
     ReplayMemory,
@@ -112,6 +113,7 @@ class RLHFTrainer:
         # config has a seed), and sampling must depend on args.seed alone.
         seed_everything(args.seed)
         self.optimizer, self.scheduler = self.build_optimizer_and_scheduler()
+        release_freed_memory()  # what loading the weights left free (see lora_rlhf.memory)
         prompt_ids = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos)
         self.prefix_len: int = prompt_ids.shape[-1]
 
@@ -174,6 +176,7 @@ class RLHFTrainer:
         """Sample a batch, score it and store what the learning phase needs."""
         args = self.args
         sample_ids, samples = self.sample()
+        release_freed_memory()
         with torch.no_grad():
             logits, values = self.model.forward_with_value_head(sample_ids)
             ref_logits = self.ref_model(sample_ids)
@@ -230,15 +233,20 @@ class RLHFTrainer:
         return objective
 
     def learning_phase(self, memory: ReplayMemory) -> None:
-        """One optimizer step per minibatch, then one scheduler step."""
+        """One optimizer step per minibatch, then one scheduler step. Runs under
+        :func:`~lora_rlhf.memory.lean_heap`, and gives freed memory back between steps: see
+        ``lora_rlhf.memory`` (what the peak memory of a LoRA phase is made of)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._minibatch_stats = []
-        for minibatch in memory.get_minibatches():
-            self.optimizer.zero_grad()
-            objective = self.compute_rlhf_objective(minibatch)
-            objective.backward()
-            nn.utils.clip_grad_norm_(params, max_norm=self.args.max_grad_norm)
-            self.optimizer.step()
+        with lean_heap():
+            for minibatch in memory.get_minibatches():
+                self.optimizer.zero_grad()
+                objective = self.compute_rlhf_objective(minibatch)
+                release_freed_memory()
+                objective.backward()
+                nn.utils.clip_grad_norm_(params, max_norm=self.args.max_grad_norm)
+                self.optimizer.step()
+                release_freed_memory()
         self._phase_stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         for key in _LEARNING_STATS:
