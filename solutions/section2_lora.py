@@ -116,8 +116,13 @@ class Lora(nn.Module):
             x_a = einops.rearrange(x @ A_all, "... 1 (inst rank) -> ... inst rank", rank=self.rank)
         else:
             x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")
-        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")
-        return x_a_b * self.scaling
+        x_a = x_a * self.scaling  # α/r on the narrow tensor: rank numbers per instance, not d_out
+        # (x A) B for all instances in one batched matmul, the instances as its batch:
+        # [inst, N, rank] @ [inst, rank, d_out] (an einsum does the same with more copying).
+        lead = x_a.shape[:-2]
+        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)
+        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)
+        return x_a_b.reshape(*lead, self.n_inst, self.d_out)
 
 
 def _check_positive_int(**values: int) -> None:
@@ -219,11 +224,12 @@ class LoraHooks(nn.Module):
         z_a = einops.einsum(
             z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"
         )
+        z_a = z_a * lora_o.scaling  # α/r on the narrow tensor, as in Lora.forward
         # Σ_heads inside the contraction: `head` is in both inputs, not in the output.
         summed = einops.einsum(
             z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"
         )
-        return attn_out + (summed * lora_o.scaling).to(attn_out.dtype)
+        return attn_out + summed.to(attn_out.dtype)
 
     def list_fwd_hooks(self) -> list[FwdHook]:
         """The six `(hook_name, fn)` pairs of this layer, in the order the forward pass meets them."""

@@ -63,7 +63,7 @@ MUTANTS = [
     ),
     Edit(
         "scaling_missing",
-        (("return x_a_b * self.scaling", "return x_a_b"),),
+        (("x_a = x_a * self.scaling", "x_a = x_a"),),
         catches=("lora_forward_formula", "lora_alpha_scaling"),
         says="scaling is missing",
     ),
@@ -83,10 +83,10 @@ MUTANTS = [
         "x_times_ab",
         (
             (
-                'x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")\n'
-                '        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")',
-                'ab = einops.einsum(self.A, self.B, "inst d_in rank, inst rank d_out -> inst d_in d_out")\n'
-                '        x_a_b = einops.einsum(x, ab, "... inst d_in, inst d_in d_out -> ... inst d_out")',
+                "        x_a = x_a * self.scaling",
+                '        ab = einops.einsum(self.A, self.B, "inst d_in rank, inst rank d_out -> inst d_in d_out")\n'
+                '        return einops.einsum(x, ab, "... inst d_in, inst d_in d_out -> ... inst d_out") * self.scaling\n'
+                "        x_a = x_a * self.scaling",
             ),
         ),
         catches=("lora_xa_then_b",),
@@ -253,6 +253,20 @@ MUTANTS = [
 
 VARIANTS = [
     Edit(
+        "einsum_for_b_scaled_at_the_end",
+        (
+            ("        x_a = x_a * self.scaling", "        pass"),
+            (
+                "        lead = x_a.shape[:-2]\n"
+                "        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)\n"
+                "        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)\n"
+                "        return x_a_b.reshape(*lead, self.n_inst, self.d_out)",
+                '        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")\n'
+                "        return x_a_b * self.scaling",
+            ),
+        ),
+    ),
+    Edit(
         "torch_einsum",
         (
             (
@@ -260,8 +274,11 @@ VARIANTS = [
                 'x_a = torch.einsum("...id,idr->...ir", x, self.A)',
             ),
             (
-                'x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")',
-                'x_a_b = torch.einsum("...ir,iro->...io", x_a, self.B)',
+                "        lead = x_a.shape[:-2]\n"
+                "        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)\n"
+                "        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)\n"
+                "        return x_a_b.reshape(*lead, self.n_inst, self.d_out)",
+                '        return torch.einsum("...ir,iro->...io", x_a, self.B)',
             ),
         ),
     ),
@@ -273,8 +290,11 @@ VARIANTS = [
                 "x_a = (x.unsqueeze(-2) @ self.A).squeeze(-2)",
             ),
             (
-                'x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")',
-                "x_a_b = (x_a.unsqueeze(-2) @ self.B).squeeze(-2)",
+                "        lead = x_a.shape[:-2]\n"
+                "        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)\n"
+                "        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)\n"
+                "        return x_a_b.reshape(*lead, self.n_inst, self.d_out)",
+                "        return (x_a.unsqueeze(-2) @ self.B).squeeze(-2)",
             ),
         ),
     ),
@@ -285,11 +305,12 @@ VARIANTS = [
                 "z_a = einops.einsum(\n"
                 '            z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
                 "        )\n"
+                "        z_a = z_a * lora_o.scaling  # α/r on the narrow tensor, as in Lora.forward\n"
                 "        # Σ_heads inside the contraction: `head` is in both inputs, not in the output.\n"
                 "        summed = einops.einsum(\n"
                 '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"\n'
                 "        )\n"
-                "        return attn_out + (summed * lora_o.scaling).to(attn_out.dtype)",
+                "        return attn_out + summed.to(attn_out.dtype)",
                 "summed = lora_o(z).sum(-2)\n        return attn_out + summed.to(attn_out.dtype)",
             ),
             (
@@ -305,7 +326,7 @@ VARIANTS = [
     Edit(
         "scale_folded_into_b_and_hooks_reordered",
         (
-            ("return x_a_b * self.scaling", "return x_a_b * (self.lora_alpha / self.rank)"),
+            ("x_a = x_a * self.scaling", "x_a = x_a * (self.lora_alpha / self.rank)"),
             ('(f"blocks.{i}.attn.hook_z", self.store_hook_z),\n', ""),
             (
                 '(f"blocks.{i}.ln1.hook_normalized", self.store_hook_attn_normalized),\n',
