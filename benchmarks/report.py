@@ -53,7 +53,31 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
 
 
-def _forward_rows(t: dict, notes: dict, meta: dict) -> list[list[str]]:
+def forward_verdict(r: Ratio, hooks_share: float | None = None) -> str:
+    """Row 1's verdict. On a shared machine one estimate can read low by a lucky draw (29 Nov:
+    1.035× min/min while the adaptors' own hook time said +10%), so the target counts as met only
+    when every estimate meets it: min/min, the paired median, and 1 + the time inside the
+    adaptors' hooks as a share of the base forward (`hooks_share`, when measured)."""
+    estimates = {"min/min": r.best, "paired": r.paired}
+    if hooks_share is not None:
+        estimates["hooks"] = 1 + hooks_share
+    over = [f"{name} {_x(value)}" for name, value in estimates.items() if value > FORWARD_TARGET]
+    if not over:
+        return f"≤ {FORWARD_TARGET:.2f}× — met"
+    return f"≤ {FORWARD_TARGET:.2f}× — **missed** ({', '.join(over)})"
+
+
+def _lora_hooks_share(t: dict, hook_seconds: dict | None) -> float | None:
+    """Time inside the adaptors' own hooks (not the value head's) over the base forward."""
+    if not hook_seconds:
+        return None
+    inside = sum(sec for kind, sec in hook_seconds.items() if kind != VALUE_HEAD_HOOK)
+    return inside / min(t["base_fwd"])
+
+
+def _forward_rows(
+    t: dict, notes: dict, meta: dict, hook_seconds: dict | None = None
+) -> list[list[str]]:
 
     rows: list[list[str]] = []
 
@@ -65,7 +89,7 @@ def _forward_rows(t: dict, notes: dict, meta: dict) -> list[list[str]]:
         "1",
         "Forward: LoRA model (base + adaptors: `lora_fwd_hooks`) vs base `forward`",
         _ratio_cell(r),
-        f"≤ {FORWARD_TARGET:.2f}× — {_verdict(r.best <= FORWARD_TARGET)}",
+        forward_verdict(r, _lora_hooks_share(t, hook_seconds)),
         f"{_ms(t, 'lora_only_fwd')} vs {_ms(t, 'base_fwd')}",
     )
     r = ratio(t, "lora_fwd", "base_fwd")
@@ -125,7 +149,7 @@ def render(results: dict) -> str:
     rows: list[list[str]] = []
     fwd = results.get("forward")
     if fwd:
-        rows.extend(_forward_rows(fwd["times"], fwd["notes"], meta))
+        rows.extend(_forward_rows(fwd["times"], fwd["notes"], meta, fwd.get("hook_seconds")))
     phase = results.get("phase")
     if phase:
         rows.extend(_phase_rows(phase, meta))
@@ -171,6 +195,7 @@ def _settings(meta: dict) -> str:
     )
 
 
+VALUE_HEAD_HOOK = "ln_final.hook_normalized"
 HOOK_PARTS = (  # kind of hook (name without the layer) -> what it does
     ("attn.hook_q", "`hook_q`: q += lora_q(x)"),
     ("attn.hook_k", "`hook_k`: k += lora_k(x)"),
@@ -178,7 +203,7 @@ HOOK_PARTS = (  # kind of hook (name without the layer) -> what it does
     ("hook_attn_out", "`hook_attn_out`: attn_out += Σ_heads lora_o(z)"),
     ("ln1.hook_normalized", "`ln1.hook_normalized`: store x"),
     ("attn.hook_z", "`hook_z`: store z"),
-    ("ln_final.hook_normalized", "value head (`ln_final.hook_normalized`)"),
+    (VALUE_HEAD_HOOK, "value head (`ln_final.hook_normalized`)"),
 )
 
 
