@@ -159,6 +159,70 @@ if __name__ == "__main__":
 # `lora_hook_qkv` serves three hook points: dispatch on the hook's name (`hook.name` ends with
 # `hook_q`, `hook_k` or `hook_v`), and raise `ValueError` for any other name. Hooks that store
 # return nothing (the activation is unchanged); hooks that add return the new activation.
+#
+# **Making the hooks cheap** (read this after a first version works). `qkv + adaptors[kind](x)`
+# and the two einsums above are correct, and the checks accept them. But the adaptors run inside
+# every forward pass of the policy, and on a CPU the cost of a dozen small operations per layer is
+# not their arithmetic (2% of the layer's) but the operations themselves. Three changes, given
+# below as helpers, halve the hooks' time on the embedded model (docs/benchmarks.md):
+#
+# * **One product for q, k and v.** The three adaptors read the same x, so `shared_x_a` puts their
+#   A's side by side, `[d_model, (9 + 3 + 3)·rank]`, and takes `x @ A` once per layer for all
+#   three hooks (the first of them computes it, the other two reuse it).
+# * **Add inside the matmul.** `add_low_rank_(act, x_a, lora)` computes `act + (α/r)·x_a B` for
+#   every instance as one `baddbmm_`: the product is accumulated straight into the activation the
+#   hook received, with no `[.., inst, d_out]` temporary and no separate addition. Writing into a
+#   hook's activation is safe here: it is the fresh output of a linear map, which autograd does not
+#   keep. `add_matmul_` does the same for a plain `[N, k] @ [k, d]` product (W_O's adaptor).
+# * **Nothing rebuilt that has not changed.** Outside autograd (sampling, the reference pass) the
+#   side-by-side A is kept between forward passes until a parameter changes.
+
+
+def add_low_rank_(
+    act: Float[Tensor, "... inst d_out"], x_a: Float[Tensor, "n inst rank"], lora: Lora
+) -> Float[Tensor, "... inst d_out"]:
+    """`act + (α/r)·(x_a B)` for every instance of `lora`, accumulated into `act` (returned).
+
+    `x_a` is `x @ A` for the n = batch·pos rows of `act`. One batched matmul-and-add with the
+    instances as its batch; a new tensor instead when `act` cannot be written (another dtype than
+    the adaptor's, not contiguous, an inference tensor outside inference mode, a leaf that needs
+    grad)."""
+    n_inst, d_out = lora.n_inst, lora.d_out
+    x_a = x_a.transpose(0, 1)  # [inst, n, rank]: the instances as the batch
+    if _writable(act, lora.B.dtype):
+        act.view(-1, n_inst, d_out).transpose(0, 1).baddbmm_(x_a, lora.B, alpha=lora.scaling)
+        return act
+    delta = torch.bmm(x_a, lora.B).transpose(0, 1) * lora.scaling
+    return act + delta.reshape(act.shape).to(act.dtype)
+
+
+def add_matmul_(
+    act: Float[Tensor, "... d_out"],
+    a: Float[Tensor, "n k"],
+    b: Float[Tensor, "k d_out"],
+    scale: float,
+) -> Float[Tensor, "... d_out"]:
+    """`act + scale·(a @ b)`, `act`'s leading axes flattened to the n rows of `a`; accumulated into
+    `act` (one `addmm_`) when it can be written, as in `add_low_rank_`."""
+    if _writable(act, b.dtype):
+        act.view(-1, b.shape[-1]).addmm_(a, b, alpha=scale)
+        return act
+    return act + (torch.mm(a, b) * scale).reshape(act.shape).to(act.dtype)
+
+
+def _writable(act: Tensor, dtype: torch.dtype) -> bool:
+    if act.dtype != dtype or not act.is_contiguous() or (act.is_leaf and act.requires_grad):
+        return False
+    return not act.is_inference() or torch.is_inference_mode_enabled()
+
+
+def _versions(tensors: tuple[Tensor, ...]) -> tuple | None:
+    """What identifies the values of `tensors` (storage and in-place version); None when
+    untracked (inference tensors keep no version counter)."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:
+        return None
 
 
 # %%
@@ -179,6 +243,8 @@ class LoraHooks(nn.Module):
         raise NotImplementedError("Exercise LoraHooks.__init__: four Loras (K/V: one per key/value head)")
         self.attn_normalized: Float[Tensor, "batch pos d_model"] | None = None
         self.z: Float[Tensor, "batch pos n_heads d_head"] | None = None
+        self._x_a: tuple = ()  # (x, (grad mode, A versions), {kind: x @ A}) of the last shared_x_a
+        self._side_by_side: tuple = ()  # (A's, their versions, inference mode, [A_q A_k A_v])
 
     def store_hook_attn_normalized(
         self, normalized: Float[Tensor, "batch pos d_model"], hook: HookPoint
@@ -201,6 +267,44 @@ class LoraHooks(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         # TODO (LoraHooks.lora_hook_out): add lora_o(z) summed over heads, inside the contraction
         raise NotImplementedError("Exercise LoraHooks.lora_hook_out: add lora_o(z) summed over heads, inside the contraction")
+
+    def shared_x_a(self) -> dict[str, Float[Tensor, "n inst rank"]]:
+        """`x @ A` of lora_q, lora_k and lora_v for the stored input x, by hook kind, each
+        `[batch·pos, inst, rank]` (α/r not yet applied): one matrix product for all three, once per
+        stored input."""
+        x = self.attn_normalized
+        loras = {"hook_q": self.lora_q, "hook_k": self.lora_k, "hook_v": self.lora_v}
+        As = tuple(lora.A for lora in loras.values())
+        key = (torch.is_grad_enabled(), _versions(As))
+        if self._x_a and self._x_a[0] is x and self._x_a[1] == key and key[1] is not None:
+            return self._x_a[2]
+        A = self._a_side_by_side(As)
+        x_a = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A
+        widths = [lora.n_inst * lora.rank for lora in loras.values()]
+        parts = {
+            kind: part.view(-1, lora.n_inst, lora.rank)
+            for (kind, lora), part in zip(loras.items(), x_a.split(widths, dim=1), strict=True)
+        }
+        self._x_a = (x, key, parts)
+        return parts
+
+    def _a_side_by_side(self, As: tuple[Tensor, ...]) -> Float[Tensor, "d_in inst_rank"]:
+        """`[A_1 … A_n]` of every instance of every adaptor in `As`: `[d_in, Σ inst·rank]`. Under
+        autograd built anew each call (the graph must reach the parameters); otherwise kept until
+        a parameter is replaced or changed in place."""
+        if torch.is_grad_enabled():
+            return torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
+        key = (_versions(As), torch.is_inference_mode_enabled())
+        kept = self._side_by_side
+        if (
+            key[0] is None
+            or not kept
+            or kept[1] != key
+            or any(a is not b for a, b in zip(kept[0], As))
+        ):
+            A = torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
+            self._side_by_side = kept = (As, key, A)
+        return kept[2]
 
     def list_fwd_hooks(self) -> list[FwdHook]:
         """The six `(hook_name, fn)` pairs of this layer, in the order the forward pass meets them."""

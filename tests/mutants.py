@@ -118,9 +118,10 @@ MUTANTS = [
     Edit(
         "k_v_dispatch_swapped",
         (
-            (
-                '"hook_k": self.lora_k, "hook_v": self.lora_v',
-                '"hook_k": self.lora_v, "hook_v": self.lora_k',
+            (  # hook_k is served as if it were hook_v and the other way round
+                'kind = hook.name.rsplit(".", 1)[-1]',
+                'kind = hook.name.rsplit(".", 1)[-1]\n'
+                '        kind = {"hook_k": "hook_v", "hook_v": "hook_k"}.get(kind, kind)',
             ),
         ),
         catches=("hooks_qkv_dispatch",),
@@ -141,8 +142,8 @@ MUTANTS = [
         "qkv_returns_adaptor_only",
         (
             (
-                "return qkv + adaptors[kind](x).to(qkv.dtype)",
-                "return adaptors[kind](x).to(qkv.dtype)",
+                "return add_low_rank_(qkv, x_a, adaptors[kind])",
+                "return add_low_rank_(torch.zeros_like(qkv), x_a, adaptors[kind])",
             ),
         ),
         catches=("hooks_qkv_dispatch",),
@@ -152,9 +153,10 @@ MUTANTS = [
         "heads_averaged",
         (
             (  # per-head outputs, then the mean over heads instead of the sum
-                '"batch pos head rank, head rank d_model -> batch pos d_model"\n        )',
-                '"batch pos head rank, head rank d_model -> batch pos head d_model"\n        )'
-                ".mean(-2)",
+                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
+                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                "        per_head = torch.bmm(z_a, lora_o.B) * lora_o.scaling  # [head, N, d_model]\n"
+                "        return attn_out + per_head.mean(0).reshape(attn_out.shape)",
             ),
         ),
         catches=("hooks_out_summed",),
@@ -164,10 +166,10 @@ MUTANTS = [
         "only_first_head",
         (
             (  # head 0's adaptor output alone, no sum over heads
-                "summed = einops.einsum(\n"
-                '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"\n'
-                "        )",
-                "summed = z_a[..., 0, :] @ lora_o.B[0]",
+                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
+                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                "        head_0 = z_a[0] @ lora_o.B[0] * lora_o.scaling\n"
+                "        return attn_out + head_0.reshape(attn_out.shape)",
             ),
         ),
         catches=("hooks_out_summed",),
@@ -302,24 +304,50 @@ VARIANTS = [
         "sum_minus_two_and_endswith",
         (
             (  # the per-head outputs lora_o(z) (scaled), then the sum over heads as its own step
-                "z_a = einops.einsum(\n"
-                '            z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
-                "        )\n"
-                "        z_a = z_a * lora_o.scaling  # α/r on the narrow tensor, as in Lora.forward\n"
-                "        # Σ_heads inside the contraction: `head` is in both inputs, not in the output.\n"
-                "        summed = einops.einsum(\n"
-                '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"\n'
-                "        )\n"
-                "        return attn_out + summed.to(attn_out.dtype)",
-                "summed = lora_o(z).sum(-2)\n        return attn_out + summed.to(attn_out.dtype)",
+                "        # z_h A_o[h] for every head at once, the heads as the batch: [head, batch·pos, rank]\n"
+                "        z_a = torch.bmm(z.reshape(-1, lora_o.n_inst, lora_o.d_in).transpose(0, 1), lora_o.A)\n"
+                "        # Σ_heads inside the contraction: heads and ranks side by side,\n"
+                "        # [batch·pos, head·rank] @ [head·rank, d_model], added into attn_out.\n"
+                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
+                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                "        summed = lora_o(z).sum(-2)\n        return attn_out + summed.to(attn_out.dtype)",
             ),
             (
                 'kind = hook.name.rsplit(".", 1)[-1]',
                 "kind = next((k for k in adaptors if hook.name.endswith(k)), hook.name)",
             ),
             (
-                'x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")',
-                "x = self.attn_normalized[:, :, None, :]",
+                "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst, rank]\n"
+                "        return add_low_rank_(qkv, x_a, adaptors[kind])",
+                "        x = self.attn_normalized[:, :, None, :]\n"
+                "        return qkv + adaptors[kind](x).to(qkv.dtype)",
+            ),
+        ),
+    ),
+    Edit(
+        "course_einsum_hooks",
+        (
+            (  # the course's own version: the Lora modules in the q/k/v hooks, two einsums for W_O
+                "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst, rank]\n"
+                "        return add_low_rank_(qkv, x_a, adaptors[kind])",
+                '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")\n'
+                "        return qkv + adaptors[kind](x).to(qkv.dtype)",
+            ),
+            (
+                "        # z_h A_o[h] for every head at once, the heads as the batch: [head, batch·pos, rank]\n"
+                "        z_a = torch.bmm(z.reshape(-1, lora_o.n_inst, lora_o.d_in).transpose(0, 1), lora_o.A)\n"
+                "        # Σ_heads inside the contraction: heads and ranks side by side,\n"
+                "        # [batch·pos, head·rank] @ [head·rank, d_model], added into attn_out.\n"
+                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
+                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                "        z_a = einops.einsum(\n"
+                '            z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
+                "        )\n"
+                "        z_a = z_a * lora_o.scaling\n"
+                "        summed = einops.einsum(\n"
+                '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"\n'
+                "        )\n"
+                "        return attn_out + summed.to(attn_out.dtype)",
             ),
         ),
     ),

@@ -1,0 +1,197 @@
+"""The fast path of `LoraHooks` (one x @ [A_q A_k A_v] per layer, products accumulated into the
+hook's activation, the side-by-side A kept outside autograd) against a plain reference.
+
+The reference is written here, independently of the library: per-head einsums in float64 over the
+same parameters, applied through the same six hook points and adding a new tensor each time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lora_rlhf.lora import LoraHooks, add_low_rank_, add_matmul_
+from lora_rlhf.value_head import attached_hooks
+from tests.test_merge import make_lora_model, tokens
+
+NAMES = ["tiny-llama", "tiny-pythia"]
+
+
+def reference_hooks(model) -> list:
+    """The adaptors of `model` as plain hooks: x A B (α/r) per head in float64, new tensors."""
+    hooks = []
+    for layer in model.lora:
+        store: dict = {}
+
+        def keep(key, store=store):
+            def hook(act, hook):
+                store[key] = act
+
+            return hook
+
+        def add_qkv(lora, store=store):
+            def hook(act, hook):
+                x = store["x"].double()
+                delta = torch.einsum("bpd,hdr,hro->bpho", x, lora.A.double(), lora.B.double())
+                return act + (delta * lora.scaling).to(act.dtype)
+
+            return hook
+
+        def add_out(lora, store=store):
+            def hook(act, hook):
+                z = store["z"].double()
+                delta = torch.einsum("bphd,hdr,hro->bpo", z, lora.A.double(), lora.B.double())
+                return act + (delta * lora.scaling).to(act.dtype)
+
+            return hook
+
+        i = layer.layer_idx
+        hooks += [
+            (f"blocks.{i}.ln1.hook_normalized", keep("x")),
+            (f"blocks.{i}.attn.hook_q", add_qkv(layer.lora_q)),
+            (f"blocks.{i}.attn.hook_k", add_qkv(layer.lora_k)),
+            (f"blocks.{i}.attn.hook_v", add_qkv(layer.lora_v)),
+            (f"blocks.{i}.attn.hook_z", keep("z")),
+            (f"blocks.{i}.hook_attn_out", add_out(layer.lora_o)),
+        ]
+    return hooks
+
+
+def run(model, hooks, toks):
+    with attached_hooks(model, hooks):
+        return model(toks)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_matches_reference_with_and_without_grad(name):
+    model = make_lora_model(name)
+    toks = tokens(model)
+    with torch.no_grad():
+        want = run(model, reference_hooks(model), toks)
+        base = model(toks)
+        got_no_grad = run(model, model.lora_fwd_hooks, toks)
+    got_grad = run(model, model.lora_fwd_hooks, toks)
+    assert (want - base).abs().max() > 1e-2, "the adaptors must change the logits for this test"
+    torch.testing.assert_close(got_no_grad, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_grad.detach(), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_match_reference(name):
+    """Writing into the hook's activation must not change any gradient (nor break backward)."""
+    model = make_lora_model(name)
+    toks = tokens(model)
+    grads = {}
+    for which, hooks in (("ref", reference_hooks(model)), ("lib", model.lora_fwd_hooks)):
+        model.zero_grad(set_to_none=True)
+        for _ in range(2):  # twice: nothing from the first graph may be reused by the second
+            model.zero_grad(set_to_none=True)
+            logits = run(model, hooks, toks)
+            (logits.float().pow(2).mean()).backward()
+        grads[which] = [p.grad.clone() for p in model.lora_params()]
+    for want, got in zip(grads["ref"], grads["lib"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_kept_side_by_side_a_follows_parameter_changes():
+    """Outside autograd the side-by-side A is kept between forwards; an in-place change of a
+    parameter, a replaced parameter and a moved module must all be seen by the next forward."""
+    model = make_lora_model("tiny-llama")
+    toks = tokens(model)
+    layer = model.lora[0]
+
+    def check():
+        with torch.no_grad():
+            want = run(model, reference_hooks(model), toks)
+            got = run(model, model.lora_fwd_hooks, toks)
+        # a stale A is off by O(1); float32 against float64 by ~1e-5
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+
+    check()
+    with torch.no_grad():
+        layer.lora_k.A.mul_(3.0)  # in place: a new version of the same tensor
+    check()
+    replacement = torch.randn_like(layer.lora_v.A)
+    while replacement._version < layer.lora_v.A._version:  # same version: only identity tells
+        replacement.add_(0)
+    layer.lora_v.A = nn.Parameter(replacement)  # replaced
+    check()
+    with torch.no_grad():  # an optimizer step on every A
+        opt = torch.optim.SGD(model.lora_params(), lr=0.5)
+        for p in model.lora_params():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    check()
+    with torch.inference_mode():
+        want = run(model, reference_hooks(model), toks)
+        got = run(model, model.lora_fwd_hooks, toks)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+    # after an inference-mode forward, autograd still works
+    run(model, model.lora_fwd_hooks, toks).float().mean().backward()
+    assert all(p.grad is not None for p in model.lora_params())
+
+
+def test_shared_product_is_computed_once_per_stored_input(monkeypatch):
+    cfg = make_lora_model("tiny-llama").cfg
+    hooks = LoraHooks(0, cfg, rank=2)
+    calls = []
+    original = LoraHooks._a_side_by_side
+
+    def counting(self, As):
+        calls.append(1)
+        return original(self, As)
+
+    monkeypatch.setattr(LoraHooks, "_a_side_by_side", counting)
+
+    class Point:
+        def __init__(self, name):
+            self.name = name
+
+    x = torch.randn(2, 3, cfg.d_model)
+    hooks.store_hook_attn_normalized(x, Point("blocks.0.ln1.hook_normalized"))
+    for kind, heads in (("q", cfg.n_heads), ("k", cfg.n_key_value_heads), ("v", 2)):
+        act = torch.randn(2, 3, heads if kind != "v" else cfg.n_key_value_heads, cfg.d_head)
+        hooks.lora_hook_qkv(act, Point(f"blocks.0.attn.hook_{kind}"))
+    assert len(calls) == 1, "q, k and v of one stored input share one x @ [A_q A_k A_v]"
+    hooks.store_hook_attn_normalized(x.clone(), Point("blocks.0.ln1.hook_normalized"))
+    hooks.lora_hook_qkv(torch.randn(2, 3, cfg.n_heads, cfg.d_head), Point("blocks.0.attn.hook_q"))
+    assert len(calls) == 2, "a new stored input needs a new product"
+
+
+@pytest.mark.parametrize("case", ["in place", "other dtype", "not contiguous", "leaf needing grad"])
+def test_add_helpers_in_place_and_fallback(case):
+    """`add_low_rank_`/`add_matmul_` write into the activation when they can, return a new
+    tensor otherwise, and give the same numbers either way."""
+    torch.manual_seed(0)
+    lora = LoraHooks(0, make_lora_model("tiny-llama").cfg, rank=2).lora_q
+    with torch.no_grad():
+        lora.B.normal_()
+    n, inst, d_out = 6, lora.n_inst, lora.d_out
+    act = torch.randn(2, 3, inst, d_out)
+    if case == "other dtype":
+        act = act.double()
+    elif case == "not contiguous":
+        act = torch.randn(2, 3, d_out, inst).transpose(-1, -2)
+    elif case == "leaf needing grad":
+        act.requires_grad_(True)
+    x_a = torch.randn(n, inst, lora.rank)
+    want = act.detach().double() + lora.scaling * torch.einsum(
+        "nir,iro->nio", x_a.double(), lora.B.detach().double()
+    ).reshape(act.shape)
+    before = act.detach().clone()
+    got = add_low_rank_(act, x_a, lora)
+    torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-5)
+    assert (got is act) == (case == "in place")
+    if case != "in place":
+        assert torch.equal(act.detach(), before), "a fallback must leave the activation alone"
+
+    out = (
+        act.detach().clone().reshape(n, -1)[:, :d_out].contiguous() if case == "in place" else None
+    )
+    if out is not None:
+        a, b = torch.randn(n, 5), torch.randn(5, d_out)
+        want_out = out + 0.5 * a @ b
+        got_out = add_matmul_(out, a, b, 0.5)
+        assert got_out is out
+        torch.testing.assert_close(got_out, want_out)
