@@ -15,6 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "section2_lora.py"
 
 
+# The solution's fast hooks (src/lora_rlhf/lora.py), as the edits below find them.
+QKV_HOOK_TAIL = (
+    "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst, rank]\n"
+    "        return add_low_rank_(qkv, x_a, adaptors[kind])"
+)
+OUT_HOOK_TAIL = (
+    "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
+    "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)"
+)
+OUT_HOOK_BODY = (
+    "        # z_h A_o[h] for every head at once, the heads as the batch: [head, batch·pos, rank]\n"
+    "        z_a = torch.bmm(z.reshape(-1, lora_o.n_inst, lora_o.d_in).transpose(0, 1), lora_o.A)\n"
+    "        # Σ_heads inside the contraction: heads and ranks side by side,\n"
+    "        # [batch·pos, head·rank] @ [head·rank, d_model], added into attn_out.\n"
+    + OUT_HOOK_TAIL
+)
+
+
 @dataclass(frozen=True)
 class Edit:
     name: str
@@ -153,8 +171,7 @@ MUTANTS = [
         "heads_averaged",
         (
             (  # per-head outputs, then the mean over heads instead of the sum
-                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
-                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                OUT_HOOK_TAIL,
                 "        per_head = torch.bmm(z_a, lora_o.B) * lora_o.scaling  # [head, N, d_model]\n"
                 "        return attn_out + per_head.mean(0).reshape(attn_out.shape)",
             ),
@@ -166,8 +183,7 @@ MUTANTS = [
         "only_first_head",
         (
             (  # head 0's adaptor output alone, no sum over heads
-                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
-                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                OUT_HOOK_TAIL,
                 "        head_0 = z_a[0] @ lora_o.B[0] * lora_o.scaling\n"
                 "        return attn_out + head_0.reshape(attn_out.shape)",
             ),
@@ -304,12 +320,7 @@ VARIANTS = [
         "sum_minus_two_and_endswith",
         (
             (  # the per-head outputs lora_o(z) (scaled), then the sum over heads as its own step
-                "        # z_h A_o[h] for every head at once, the heads as the batch: [head, batch·pos, rank]\n"
-                "        z_a = torch.bmm(z.reshape(-1, lora_o.n_inst, lora_o.d_in).transpose(0, 1), lora_o.A)\n"
-                "        # Σ_heads inside the contraction: heads and ranks side by side,\n"
-                "        # [batch·pos, head·rank] @ [head·rank, d_model], added into attn_out.\n"
-                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
-                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                OUT_HOOK_BODY,
                 "        summed = lora_o(z).sum(-2)\n        return attn_out + summed.to(attn_out.dtype)",
             ),
             (
@@ -317,8 +328,7 @@ VARIANTS = [
                 "kind = next((k for k in adaptors if hook.name.endswith(k)), hook.name)",
             ),
             (
-                "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst, rank]\n"
-                "        return add_low_rank_(qkv, x_a, adaptors[kind])",
+                QKV_HOOK_TAIL,
                 "        x = self.attn_normalized[:, :, None, :]\n"
                 "        return qkv + adaptors[kind](x).to(qkv.dtype)",
             ),
@@ -328,18 +338,12 @@ VARIANTS = [
         "course_einsum_hooks",
         (
             (  # the course's own version: the Lora modules in the q/k/v hooks, two einsums for W_O
-                "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst, rank]\n"
-                "        return add_low_rank_(qkv, x_a, adaptors[kind])",
+                QKV_HOOK_TAIL,
                 '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")\n'
                 "        return qkv + adaptors[kind](x).to(qkv.dtype)",
             ),
             (
-                "        # z_h A_o[h] for every head at once, the heads as the batch: [head, batch·pos, rank]\n"
-                "        z_a = torch.bmm(z.reshape(-1, lora_o.n_inst, lora_o.d_in).transpose(0, 1), lora_o.A)\n"
-                "        # Σ_heads inside the contraction: heads and ranks side by side,\n"
-                "        # [batch·pos, head·rank] @ [head·rank, d_model], added into attn_out.\n"
-                "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
-                "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)",
+                OUT_HOOK_BODY,
                 "        z_a = einops.einsum(\n"
                 '            z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
                 "        )\n"

@@ -16,6 +16,8 @@ from lora_rlhf.value_head import attached_hooks
 from tests.test_merge import make_lora_model, tokens
 
 NAMES = ["tiny-llama", "tiny-pythia"]
+QKV = "bpd,hdr,hro->bpho"  # x A_h B_h for every head h
+OUT = "bphd,hdr,hro->bpo"  # Σ_h z_h A_h B_h
 
 
 def reference_hooks(model) -> list:
@@ -30,18 +32,10 @@ def reference_hooks(model) -> list:
 
             return hook
 
-        def add_qkv(lora, store=store):
+        def add(lora, key, pattern, store=store):
             def hook(act, hook):
-                x = store["x"].double()
-                delta = torch.einsum("bpd,hdr,hro->bpho", x, lora.A.double(), lora.B.double())
-                return act + (delta * lora.scaling).to(act.dtype)
-
-            return hook
-
-        def add_out(lora, store=store):
-            def hook(act, hook):
-                z = store["z"].double()
-                delta = torch.einsum("bphd,hdr,hro->bpo", z, lora.A.double(), lora.B.double())
+                inp = store[key].double()
+                delta = torch.einsum(pattern, inp, lora.A.double(), lora.B.double())
                 return act + (delta * lora.scaling).to(act.dtype)
 
             return hook
@@ -49,11 +43,11 @@ def reference_hooks(model) -> list:
         i = layer.layer_idx
         hooks += [
             (f"blocks.{i}.ln1.hook_normalized", keep("x")),
-            (f"blocks.{i}.attn.hook_q", add_qkv(layer.lora_q)),
-            (f"blocks.{i}.attn.hook_k", add_qkv(layer.lora_k)),
-            (f"blocks.{i}.attn.hook_v", add_qkv(layer.lora_v)),
+            (f"blocks.{i}.attn.hook_q", add(layer.lora_q, "x", QKV)),
+            (f"blocks.{i}.attn.hook_k", add(layer.lora_k, "x", QKV)),
+            (f"blocks.{i}.attn.hook_v", add(layer.lora_v, "x", QKV)),
             (f"blocks.{i}.attn.hook_z", keep("z")),
-            (f"blocks.{i}.hook_attn_out", add_out(layer.lora_o)),
+            (f"blocks.{i}.hook_attn_out", add(layer.lora_o, "z", OUT)),
         ]
     return hooks
 
