@@ -246,7 +246,7 @@ class LoraHooks(nn.Module):
         self.attn_normalized: Float[Tensor, "batch pos d_model"] | None = None
         self.z: Float[Tensor, "batch pos n_heads d_head"] | None = None
         self._x_a: tuple = ()  # (x, (grad mode, A versions), {kind: x @ A}) of the last shared_x_a
-        self._side_by_side: tuple = ()  # (A's, their versions, inference mode, [A_q A_k A_v])
+        self._side_by_side: tuple = ()  # (the A's, (their versions, inference mode), [A_q A_k A_v])
 
     def store_hook_attn_normalized(
         self, normalized: Float[Tensor, "batch pos d_model"], hook: HookPoint
