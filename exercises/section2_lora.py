@@ -293,7 +293,8 @@ class LoraHooks(nn.Module):
     def _a_side_by_side(self, As: tuple[Tensor, ...]) -> Float[Tensor, "d_in inst_rank"]:
         """`[A_1 … A_n]` of every instance of every adaptor in `As`: `[d_in, Σ inst·rank]`. Under
         autograd built anew each call (the graph must reach the parameters); otherwise kept until
-        a parameter is replaced or changed in place."""
+        a parameter is replaced or changed in place (seen through its version counter, so a
+        change made through `.data`, which has its own counter, is not)."""
         if torch.is_grad_enabled():
             return torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
         key = (_versions(As), torch.is_inference_mode_enabled())
