@@ -62,9 +62,8 @@ def forward_verdict(r: Ratio, hooks_share: float | None = None) -> str:
     if hooks_share is not None:
         estimates["hooks"] = 1 + hooks_share
     over = [f"{name} {_x(value)}" for name, value in estimates.items() if value > FORWARD_TARGET]
-    if not over:
-        return f"≤ {FORWARD_TARGET:.2f}× — met"
-    return f"≤ {FORWARD_TARGET:.2f}× — **missed** ({', '.join(over)})"
+    verdict = f"≤ {FORWARD_TARGET:.2f}× — {_verdict(not over)}"
+    return f"{verdict} ({', '.join(over)})" if over else verdict
 
 
 def _lora_hooks_share(t: dict, hook_seconds: dict | None) -> float | None:

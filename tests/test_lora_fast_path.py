@@ -132,9 +132,9 @@ def test_shared_product_is_computed_once_per_stored_input(monkeypatch):
     calls = []
     original = LoraHooks._a_side_by_side
 
-    def counting(self, As):
+    def counting(self, *args):
         calls.append(1)
-        return original(self, As)
+        return original(self, *args)
 
     monkeypatch.setattr(LoraHooks, "_a_side_by_side", counting)
 
@@ -144,8 +144,9 @@ def test_shared_product_is_computed_once_per_stored_input(monkeypatch):
 
     x = torch.randn(2, 3, cfg.d_model)
     hooks.store_hook_attn_normalized(x, Point("blocks.0.ln1.hook_normalized"))
-    for kind, heads in (("q", cfg.n_heads), ("k", cfg.n_key_value_heads), ("v", 2)):
-        act = torch.randn(2, 3, heads if kind != "v" else cfg.n_key_value_heads, cfg.d_head)
+    n_kv = cfg.n_key_value_heads
+    for kind, heads in (("q", cfg.n_heads), ("k", n_kv), ("v", n_kv)):
+        act = torch.randn(2, 3, heads, cfg.d_head)
         hooks.lora_hook_qkv(act, Point(f"blocks.0.attn.hook_{kind}"))
     assert len(calls) == 1, "q, k and v of one stored input share one x @ [A_q A_k A_v]"
     hooks.store_hook_attn_normalized(x.clone(), Point("blocks.0.ln1.hook_normalized"))
@@ -180,11 +181,8 @@ def test_add_helpers_in_place_and_fallback(case):
     if case != "in place":
         assert torch.equal(act.detach(), before), "a fallback must leave the activation alone"
 
-    out = (
-        act.detach().clone().reshape(n, -1)[:, :d_out].contiguous() if case == "in place" else None
-    )
-    if out is not None:
-        a, b = torch.randn(n, 5), torch.randn(5, d_out)
+    if case == "in place":
+        out, a, b = torch.randn(n, d_out), torch.randn(n, 5), torch.randn(5, d_out)
         want_out = out + 0.5 * a @ b
         got_out = add_matmul_(out, a, b, 0.5)
         assert got_out is out

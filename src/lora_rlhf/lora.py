@@ -323,10 +323,11 @@ class LoraHooks(nn.Module):
         x = self.attn_normalized
         loras = {"hook_q": self.lora_q, "hook_k": self.lora_k, "hook_v": self.lora_v}
         As = tuple(lora.A for lora in loras.values())
-        key = (torch.is_grad_enabled(), _versions(As))
-        if self._x_a and self._x_a[0] is x and self._x_a[1] == key and key[1] is not None:
+        versions = _versions(As)
+        key = (torch.is_grad_enabled(), versions)
+        if versions is not None and self._x_a and self._x_a[0] is x and self._x_a[1] == key:
             return self._x_a[2]
-        A = self._a_side_by_side(As)
+        A = self._a_side_by_side(As, versions)
         x_a = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A
         widths = [lora.n_inst * lora.rank for lora in loras.values()]
         parts = {
@@ -336,24 +337,22 @@ class LoraHooks(nn.Module):
         self._x_a = (x, key, parts)
         return parts
 
-    def _a_side_by_side(self, As: tuple[Tensor, ...]) -> Float[Tensor, "d_in inst_rank"]:
+    def _a_side_by_side(
+        self, As: tuple[Tensor, ...], versions: tuple | None
+    ) -> Float[Tensor, "d_in inst_rank"]:
         """`[A_1 … A_n]` of every instance of every adaptor in `As`: `[d_in, Σ inst·rank]`. Under
         autograd built anew each call (the graph must reach the parameters); otherwise kept until
-        a parameter is replaced or changed in place (seen through its version counter, so a
-        change made through `.data`, which has its own counter, is not)."""
-        if torch.is_grad_enabled():
-            return torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
-        key = (_versions(As), torch.is_inference_mode_enabled())
+        a parameter is replaced or changed in place (seen through `versions`, their version
+        counters, so a change made through `.data`, which has its own counter, is not)."""
+        keep = not torch.is_grad_enabled() and versions is not None
+        key = (versions, torch.is_inference_mode_enabled())
         kept = self._side_by_side
-        if (
-            key[0] is None
-            or not kept
-            or kept[1] != key
-            or any(a is not b for a, b in zip(kept[0], As))
-        ):
-            A = torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
-            self._side_by_side = kept = (As, key, A)
-        return kept[2]
+        if keep and kept and kept[1] == key and all(a is b for a, b in zip(kept[0], As)):
+            return kept[2]
+        A = torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
+        if keep:
+            self._side_by_side = (As, key, A)
+        return A
 
     def list_fwd_hooks(self) -> list[FwdHook]:
         """The six `(hook_name, fn)` pairs of this layer, in the order the forward pass meets them."""
