@@ -104,10 +104,25 @@ class Lora(nn.Module):
             raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
         # TODO (Lora.__init__): create A (kaiming-uniform) and B (zeros), store the scale
         raise NotImplementedError("Exercise Lora.__init__: create A (kaiming-uniform) and B (zeros), store the scale")
+        self._kept: dict = {}  # what kept_outside_autograd keeps: the block-diagonal A and B
 
     def forward(self, x: Float[Tensor, "... inst d_in"]) -> Float[Tensor, "... n_inst d_out"]:
         # TODO (Lora.forward): (x @ A) @ B · α/r, one map per instance
         raise NotImplementedError("Exercise Lora.forward: (x @ A) @ B · α/r, one map per instance")
+
+    def block_diagonal_A(self) -> Float[Tensor, "inst_d_in inst_rank"]:
+        """Every instance's A on the diagonal of one `[inst·d_in, inst·rank]` matrix, zeros
+        elsewhere: `x.flatten(-2) @ it` is every instance's `x_i A_i` side by side, in one plain
+        matrix product instead of a batched one. Outside autograd kept until A changes."""
+        # (`_parameters[...]`, not `self.A`: nn.Module's attribute lookup is a Python call, and
+        # this runs in every hook call.)
+        return kept_outside_autograd(self._kept, "A", (self._parameters["A"],), _block_diag)
+
+    def block_diagonal_B(self) -> Float[Tensor, "inst_rank inst_d_out"]:
+        """Every instance's B on the diagonal of one `[inst·rank, inst·d_out]` matrix:
+        `x_a @ it` (x_a: every instance's x A side by side) is every instance's `x_a B` side by
+        side. Outside autograd kept until B changes."""
+        return kept_outside_autograd(self._kept, "B", (self._parameters["B"],), _block_diag)
 
 
 def _check_positive_int(**values: int) -> None:
@@ -181,21 +196,27 @@ if __name__ == "__main__":
 
 
 def add_low_rank_(
-    act: Float[Tensor, "... inst d_out"], x_a: Float[Tensor, "n inst rank"], lora: Lora
+    act: Float[Tensor, "... inst d_out"], x_a: Float[Tensor, "n inst_rank"], lora: Lora
 ) -> Float[Tensor, "... inst d_out"]:
     """`act + (α/r)·(x_a B)` for every instance of `lora`, accumulated into `act` (returned).
 
-    `x_a` is `x @ A` for the n = batch·pos rows of `act`. One batched matmul-and-add with the
-    instances as its batch; a new tensor instead when `act` cannot be written (another dtype than
-    the adaptor's, not contiguous, an inference tensor outside inference mode, a leaf that needs
-    grad)."""
-    n_inst, d_out = lora.n_inst, lora.d_out
-    x_a = x_a.transpose(0, 1)  # [inst, n, rank]: the instances as the batch
-    if _writable(act, lora.B.dtype):
-        act.view(-1, n_inst, d_out).transpose(0, 1).baddbmm_(x_a, lora.B, alpha=lora.scaling)
+    `x_a` is `x @ A` for the n = batch·pos rows of `act`, every instance's `rank` columns side by
+    side. Outside autograd one plain product with `lora.block_diagonal_B()`, added into `act` by
+    the matrix product itself; under autograd a batched product with the instances as its batch
+    and one addition (the block-diagonal B's zeros would cost as much again in the backward pass).
+    A new tensor instead when `act` cannot be written (another dtype than the adaptor's, not
+    contiguous, an inference tensor outside inference mode, a leaf that needs grad)."""
+    rows = x_a.shape[0]
+    writable = _writable(act, lora.B.dtype)
+    if writable and not torch.is_grad_enabled():
+        act.view(rows, -1).addmm_(x_a, lora.block_diagonal_B(), alpha=lora.scaling)
         return act
-    delta = torch.bmm(x_a, lora.B).transpose(0, 1) * lora.scaling
-    return act + delta.reshape(act.shape).to(act.dtype)
+    # [inst, n, rank] @ [inst, rank, d_out]: the instances as the batch
+    delta = torch.bmm(x_a.view(rows, lora.n_inst, lora.rank).transpose(0, 1), lora.B)
+    delta = delta.transpose(0, 1).reshape(act.shape)
+    if writable:
+        return act.add_(delta, alpha=lora.scaling)
+    return act + (delta * lora.scaling).to(act.dtype)
 
 
 def add_matmul_(
@@ -218,13 +239,37 @@ def _writable(act: Tensor, dtype: torch.dtype) -> bool:
     return not act.is_inference() or torch.is_inference_mode_enabled()
 
 
-def _versions(tensors: tuple[Tensor, ...]) -> tuple | None:
-    """What identifies the values of `tensors` (storage and in-place version); None when
-    untracked (inference tensors keep no version counter)."""
+def kept_outside_autograd(
+    kept: dict, name: str, params: tuple[Tensor, ...], build: Callable[..., Tensor]
+) -> Tensor:
+    """`build(*params)`, kept in `kept[name]` between calls outside autograd until one of `params`
+    is replaced or changed in place; under autograd built anew each call (its graph must reach
+    the parameters). A change is seen through each tensor's identity, storage and version
+    counter, so one made through `.data` (which has a counter of its own) is not."""
+    if torch.is_grad_enabled():
+        return build(*params)
     try:
-        return tuple((t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:
-        return None
+        key = [(p.data_ptr(), p._version) for p in params]
+    except RuntimeError:  # inference tensors keep no version counter
+        return build(*params)
+    key.append(torch.is_inference_mode_enabled())
+    entry = kept.get(name)
+    if entry and entry[1] == key and all(a is b for a, b in zip(entry[0], params, strict=True)):
+        return entry[2]
+    value = build(*params)
+    kept[name] = (params, key, value)
+    return value
+
+
+def _block_diag(param: Float[Tensor, "inst d_in d_out"]) -> Float[Tensor, "inst_d_in inst_d_out"]:
+    return torch.block_diag(*param)
+
+
+def _side_by_side(*As: Float[Tensor, "inst d_in rank"]) -> Float[Tensor, "d_in inst_rank"]:
+    return torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
+
+
+_PLAIN_ATTRIBUTES = frozenset({"attn_normalized", "z", "_x_a"})
 
 
 # %%
@@ -245,8 +290,16 @@ class LoraHooks(nn.Module):
         raise NotImplementedError("Exercise LoraHooks.__init__: four Loras (K/V: one per key/value head)")
         self.attn_normalized: Float[Tensor, "batch pos d_model"] | None = None
         self.z: Float[Tensor, "batch pos n_heads d_head"] | None = None
-        self._x_a: tuple = ()  # (x, (grad mode, A versions), {kind: x @ A}) of the last shared_x_a
-        self._side_by_side: tuple = ()  # (the A's, (their versions, inference mode), [A_q A_k A_v])
+        self._x_a: tuple = ()  # (x, grad mode, {kind: x @ A}) of the last shared_x_a
+        self._kept: dict = {}  # what kept_outside_autograd keeps: [A_q A_k A_v]
+
+    def __setattr__(self, name: str, value) -> None:
+        # What the hooks store runs 4-5 times per layer and forward pass: a plain attribute,
+        # without nn.Module's checks for parameters, buffers and modules (a third of a store's time).
+        if name in _PLAIN_ATTRIBUTES:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def store_hook_attn_normalized(
         self, normalized: Float[Tensor, "batch pos d_model"], hook: HookPoint
@@ -270,43 +323,26 @@ class LoraHooks(nn.Module):
         # TODO (LoraHooks.lora_hook_out): add lora_o(z) summed over heads, inside the contraction
         raise NotImplementedError("Exercise LoraHooks.lora_hook_out: add lora_o(z) summed over heads, inside the contraction")
 
-    def shared_x_a(self) -> dict[str, Float[Tensor, "n inst rank"]]:
+    def shared_x_a(self) -> dict[str, Float[Tensor, "n inst_rank"]]:
         """`x @ A` of lora_q, lora_k and lora_v for the stored input x, by hook kind, each
-        `[batch·pos, inst, rank]` (α/r not yet applied): one matrix product for all three, once per
-        stored input."""
+        `[batch·pos, inst·rank]` (every instance's rank columns side by side; α/r not yet applied):
+        one matrix product `x @ [A_q A_k A_v]` for all three, taken by the first of the three
+        hooks and reused by the other two (the same stored x, the same grad mode). Outside
+        autograd `[A_q A_k A_v]` is kept between forward passes until an A changes."""
         x = self.attn_normalized
-        loras = {"hook_q": self.lora_q, "hook_k": self.lora_k, "hook_v": self.lora_v}
-        As = tuple(lora.A for lora in loras.values())
-        versions = _versions(As)
-        key = (torch.is_grad_enabled(), versions)
-        if versions is not None and self._x_a and self._x_a[0] is x and self._x_a[1] == key:
-            return self._x_a[2]
-        A = self._a_side_by_side(As, versions)
-        x_a = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A
-        widths = [lora.n_inst * lora.rank for lora in loras.values()]
-        parts = {
-            kind: part.view(-1, lora.n_inst, lora.rank)
-            for (kind, lora), part in zip(loras.items(), x_a.split(widths, dim=1), strict=True)
-        }
-        self._x_a = (x, key, parts)
-        return parts
-
-    def _a_side_by_side(
-        self, As: tuple[Tensor, ...], versions: tuple | None
-    ) -> Float[Tensor, "d_in inst_rank"]:
-        """`[A_1 … A_n]` of every instance of every adaptor in `As`: `[d_in, Σ inst·rank]`. Under
-        autograd built anew each call (the graph must reach the parameters); otherwise kept until
-        a parameter is replaced or changed in place (seen through `versions`, their version
-        counters, so a change made through `.data`, which has its own counter, is not)."""
-        keep = not torch.is_grad_enabled() and versions is not None
-        key = (versions, torch.is_inference_mode_enabled())
-        kept = self._side_by_side
-        if keep and kept and kept[1] == key and all(a is b for a, b in zip(kept[0], As)):
+        grad = torch.is_grad_enabled()
+        kept = self._x_a
+        if kept and kept[0] is x and kept[1] is grad:
             return kept[2]
-        A = torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
-        if keep:
-            self._side_by_side = (As, key, A)
-        return A
+        loras = (self.lora_q, self.lora_k, self.lora_v)
+        As = tuple(lora._parameters["A"] for lora in loras)
+        A = kept_outside_autograd(self._kept, "A_qkv", As, _side_by_side)
+        rows = x.reshape(-1, x.shape[-1])
+        x_a = (rows if rows.dtype == A.dtype else rows.to(A.dtype)) @ A
+        q, k = (lora.n_inst * lora.rank for lora in loras[:2])  # the column blocks' widths
+        parts = {"hook_q": x_a[:, :q], "hook_k": x_a[:, q : q + k], "hook_v": x_a[:, q + k :]}
+        self._x_a = (x, grad, parts)
+        return parts
 
     def list_fwd_hooks(self) -> list[FwdHook]:
         """The six `(hook_name, fn)` pairs of this layer, in the order the forward pass meets them."""

@@ -17,20 +17,22 @@ SOLUTION = ROOT / "solutions" / "section2_lora.py"
 
 # The solution's fast hooks (src/lora_rlhf/lora.py), as the edits below find them.
 QKV_HOOK_TAIL = (
-    "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst, rank]\n"
+    "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst·rank]\n"
     "        return add_low_rank_(qkv, x_a, adaptors[kind])"
 )
 OUT_HOOK_TAIL = (
-    "        z_a = z_a.transpose(0, 1).reshape(-1, lora_o.n_inst * lora_o.rank)\n"
+    "        # Σ_heads inside the contraction: [batch·pos, head·rank] @ [head·rank, d_model],\n"
+    "        # added into attn_out.\n"
     "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)"
 )
 OUT_HOOK_BODY = (
-    "        # z_h A_o[h] for every head at once, the heads as the batch: [head, batch·pos, rank]\n"
-    "        z_a = torch.bmm(z.reshape(-1, lora_o.n_inst, lora_o.d_in).transpose(0, 1), lora_o.A)\n"
-    "        # Σ_heads inside the contraction: heads and ranks side by side,\n"
-    "        # [batch·pos, head·rank] @ [head·rank, d_model], added into attn_out.\n"
+    "        # z_h A_o[h] for every head at once: z's heads side by side, [batch·pos, head·d_head],\n"
+    "        # times A_o's heads on a block diagonal gives [batch·pos, head·rank], heads side by side.\n"
+    "        z_a = z.reshape(-1, lora_o.n_inst * lora_o.d_in) @ lora_o.block_diagonal_A()\n"
     + OUT_HOOK_TAIL
 )
+# z_a as the mutants below use it: one [batch·pos, rank] block per head, heads as the batch
+PER_HEAD_Z_A = "        per_head_z_a = z_a.view(-1, lora_o.n_inst, lora_o.rank).transpose(0, 1)\n"
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,8 @@ MUTANTS = [
         (
             (  # per-head outputs, then the mean over heads instead of the sum
                 OUT_HOOK_TAIL,
-                "        per_head = torch.bmm(z_a, lora_o.B) * lora_o.scaling  # [head, N, d_model]\n"
+                PER_HEAD_Z_A
+                + "        per_head = torch.bmm(per_head_z_a, lora_o.B) * lora_o.scaling  # [head, N, d_model]\n"
                 "        return attn_out + per_head.mean(0).reshape(attn_out.shape)",
             ),
         ),
@@ -184,7 +187,7 @@ MUTANTS = [
         (
             (  # head 0's adaptor output alone, no sum over heads
                 OUT_HOOK_TAIL,
-                "        head_0 = z_a[0] @ lora_o.B[0] * lora_o.scaling\n"
+                PER_HEAD_Z_A + "        head_0 = per_head_z_a[0] @ lora_o.B[0] * lora_o.scaling\n"
                 "        return attn_out + head_0.reshape(attn_out.shape)",
             ),
         ),

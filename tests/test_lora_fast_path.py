@@ -1,5 +1,5 @@
 """The fast path of `LoraHooks` (one x @ [A_q A_k A_v] per layer, products accumulated into the
-hook's activation, the side-by-side A kept outside autograd) against a plain reference.
+hook's activation, block-diagonal B's and A_o, all kept outside autograd) against a plain reference.
 
 The reference is written here, independently of the library: per-head einsums in float64 over the
 same parameters, applied through the same six hook points and adding a new tensor each time.
@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import lora_rlhf.lora as lora_module
 from lora_rlhf.lora import LoraHooks, add_low_rank_, add_matmul_
 from lora_rlhf.value_head import attached_hooks
 from tests.test_merge import make_lora_model, tokens
@@ -103,14 +104,16 @@ def test_kept_side_by_side_a_follows_parameter_changes():
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
 
     check()
-    with torch.no_grad():
-        layer.lora_k.A.mul_(3.0)  # in place: a new version of the same tensor
-    check()
-    replacement = torch.randn_like(layer.lora_v.A)
-    while replacement._version < layer.lora_v.A._version:  # same version: only identity tells
-        replacement.add_(0)
-    layer.lora_v.A = nn.Parameter(replacement)  # replaced
-    check()
+    for lora, name in ((layer.lora_k, "A"), (layer.lora_q, "B"), (layer.lora_o, "A")):
+        with torch.no_grad():
+            getattr(lora, name).mul_(3.0)  # in place: a new version of the same tensor
+        check()
+    for lora, name in ((layer.lora_v, "A"), (layer.lora_v, "B"), (layer.lora_o, "A")):
+        replacement = torch.randn_like(getattr(lora, name))
+        while replacement._version < getattr(lora, name)._version:  # only identity tells
+            replacement.add_(0)
+        setattr(lora, name, nn.Parameter(replacement))  # replaced
+        check()
     with torch.no_grad():  # an optimizer step on every A
         opt = torch.optim.SGD(model.lora_params(), lr=0.5)
         for p in model.lora_params():
@@ -130,13 +133,13 @@ def test_shared_product_is_computed_once_per_stored_input(monkeypatch):
     cfg = make_lora_model("tiny-llama").cfg
     hooks = LoraHooks(0, cfg, rank=2)
     calls = []
-    original = LoraHooks._a_side_by_side
+    original = lora_module._side_by_side
 
-    def counting(self, *args):
+    def counting(*As):
         calls.append(1)
-        return original(self, *args)
+        return original(*As)
 
-    monkeypatch.setattr(LoraHooks, "_a_side_by_side", counting)
+    monkeypatch.setattr(lora_module, "_side_by_side", counting)  # under autograd: once per product
 
     class Point:
         def __init__(self, name):
@@ -154,10 +157,12 @@ def test_shared_product_is_computed_once_per_stored_input(monkeypatch):
     assert len(calls) == 2, "a new stored input needs a new product"
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize("case", ["in place", "other dtype", "not contiguous", "leaf needing grad"])
-def test_add_helpers_in_place_and_fallback(case):
+def test_add_helpers_in_place_and_fallback(case, grad):
     """`add_low_rank_`/`add_matmul_` write into the activation when they can, return a new
-    tensor otherwise, and give the same numbers either way."""
+    tensor otherwise, and give the same numbers either way, with autograd (a batched product) and
+    without (one product with the block-diagonal B)."""
     torch.manual_seed(0)
     lora = LoraHooks(0, make_lora_model("tiny-llama").cfg, rank=2).lora_q
     with torch.no_grad():
@@ -170,12 +175,14 @@ def test_add_helpers_in_place_and_fallback(case):
         act = torch.randn(2, 3, d_out, inst).transpose(-1, -2)
     elif case == "leaf needing grad":
         act.requires_grad_(True)
-    x_a = torch.randn(n, inst, lora.rank)
+    # the instances' rank columns side by side, cut out of a wider product as shared_x_a does
+    x_a = torch.randn(n, inst * lora.rank + 3)[:, 1 : 1 + inst * lora.rank]
     want = act.detach().double() + lora.scaling * torch.einsum(
-        "nir,iro->nio", x_a.double(), lora.B.detach().double()
+        "nir,iro->nio", x_a.double().view(n, inst, lora.rank), lora.B.detach().double()
     ).reshape(act.shape)
     before = act.detach().clone()
-    got = add_low_rank_(act, x_a, lora)
+    with torch.set_grad_enabled(grad):
+        got = add_low_rank_(act, x_a, lora)
     torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-5)
     assert (got is act) == (case == "in place")
     if case != "in place":
@@ -184,6 +191,33 @@ def test_add_helpers_in_place_and_fallback(case):
     if case == "in place":
         out, a, b = torch.randn(n, d_out), torch.randn(n, 5), torch.randn(5, d_out)
         want_out = out + 0.5 * a @ b
-        got_out = add_matmul_(out, a, b, 0.5)
+        with torch.set_grad_enabled(grad):
+            got_out = add_matmul_(out, a, b, 0.5)
         assert got_out is out
         torch.testing.assert_close(got_out, want_out)
+
+
+def test_block_diagonals():
+    """`block_diagonal_A/B` against a hand-built block matrix; kept outside autograd (the same
+    tensor until the parameter changes), built anew under autograd with gradients reaching it."""
+    torch.manual_seed(0)
+    lora = LoraHooks(0, make_lora_model("tiny-llama").cfg, rank=2).lora_o
+    with torch.no_grad():
+        lora.B.normal_()
+    inst, d_in, rank, d_out = lora.n_inst, lora.d_in, lora.rank, lora.d_out
+    want_a = torch.zeros(inst * d_in, inst * rank)
+    want_b = torch.zeros(inst * rank, inst * d_out)
+    for i in range(inst):
+        want_a[i * d_in : (i + 1) * d_in, i * rank : (i + 1) * rank] = lora.A[i].detach()
+        want_b[i * rank : (i + 1) * rank, i * d_out : (i + 1) * d_out] = lora.B[i].detach()
+    with torch.no_grad():
+        first = lora.block_diagonal_B()
+        assert torch.equal(lora.block_diagonal_A(), want_a)
+        assert torch.equal(first, want_b)
+        assert lora.block_diagonal_B() is first, "kept while B is unchanged"
+        lora.B.add_(1.0)
+        assert torch.equal(lora.block_diagonal_B(), want_b + (want_b != 0)), "an in-place change"
+    built = lora.block_diagonal_B()
+    assert built.requires_grad and built is not lora.block_diagonal_B()
+    built.sum().backward()
+    torch.testing.assert_close(lora.B.grad, torch.ones_like(lora.B))
