@@ -202,22 +202,31 @@ if __name__ == "__main__":
 #
 # **Making the hooks cheap** (read this after a first version works). `qkv + adaptors[kind](x)`
 # and the two einsums above are correct, and the checks accept them. But the adaptors run inside
-# every forward pass of the policy, and on a CPU the cost of a dozen small operations per layer is
-# not their arithmetic (2% of the layer's) but the operations themselves. Three changes, given
-# below as helpers, cut the time spent inside the hooks by 30–40% on the embedded model
+# every forward pass of the policy, and on a CPU what a layer's hooks cost is not their arithmetic
+# (2–3% of the layer's) but the number of operations, and the Python around each. Four changes,
+# given below as helpers, cut the time spent inside the hooks by about half on the embedded model
 # (docs/benchmarks.md):
 #
 # * **One product for q, k and v.** The three adaptors read the same x, so `shared_x_a` puts their
 #   A's side by side, `[d_model, (9 + 3 + 3)·rank]`, and takes `x @ A` once per layer for all
 #   three hooks (the first of them computes it, the other two reuse it).
-# * **Add inside the matmul.** `add_low_rank_(act, x_a, lora)` computes `act + (α/r)·x_a B` for
-#   every instance as one `baddbmm_`: the product is accumulated straight into the activation the
-#   hook received, with no `[.., inst, d_out]` temporary and no separate addition. Writing into a
-#   hook's activation is safe here: it is the fresh output of a linear map, which autograd does not
-#   keep (a hook that kept the same tensor before ours, e.g. a cache's, sees the sum too).
-#   `add_matmul_` does the same for a plain `[N, k] @ [k, d]` product (W_O's adaptor).
+# * **Per-head products as one plain product.** A batched product over the heads that writes into
+#   each head's slice of q runs as one small product per head. Put the heads' B's on the diagonal
+#   of one `[head·rank, head·d_head]` matrix instead (`Lora.block_diagonal_B`, zeros elsewhere):
+#   `x_a @ it` is every head's `x_a B` side by side, in one product. It multiplies the zeros too
+#   (9× the arithmetic of the batched product, still ~1% of W_Q's), and is cheaper all the same.
+#   W_O's adaptor does the same with A_o (`block_diagonal_A`).
+# * **Add inside the matmul.** `add_low_rank_(act, x_a, lora)` computes `act + (α/r)·x_a B` as
+#   one `addmm_`: the product is accumulated straight into the activation the hook received, with
+#   no temporary and no separate addition. Writing into a hook's activation is safe here: it is
+#   the fresh output of a linear map, which autograd does not keep (a hook that kept the same
+#   tensor before ours, e.g. a cache's, sees the sum too). `add_matmul_` does the same for W_O's
+#   `[N, head·rank] @ [head·rank, d_model]`.
 # * **Nothing rebuilt that has not changed.** Outside autograd (sampling, the reference pass) the
-#   side-by-side A is kept between forward passes until a parameter changes.
+#   side-by-side and block-diagonal matrices are kept between forward passes until a parameter
+#   changes (`kept_outside_autograd`). Under autograd they are built anew each pass (the graph
+#   must reach the parameters), and q, k and v use a batched product instead: the block-diagonal
+#   B's zeros would cost their share again in the backward pass.
 
 
 def add_low_rank_(
@@ -226,21 +235,25 @@ def add_low_rank_(
     """`act + (α/r)·(x_a B)` for every instance of `lora`, accumulated into `act` (returned).
 
     `x_a` is `x @ A` for the n = batch·pos rows of `act`, every instance's `rank` columns side by
-    side. Outside autograd one plain product with `lora.block_diagonal_B()`, added into `act` by
-    the matrix product itself; under autograd a batched product with the instances as its batch
-    and one addition (the block-diagonal B's zeros would cost as much again in the backward pass).
-    A new tensor instead when `act` cannot be written (another dtype than the adaptor's, not
-    contiguous, an inference tensor outside inference mode, a leaf that needs grad)."""
+    side. Outside autograd: one plain matrix product with `lora.block_diagonal_B()`, accumulated
+    into `act` by the product itself (`addmm_`). Under autograd: one batched product with the
+    instances as its batch (`baddbmm_`; the block-diagonal B's zeros would cost their share again
+    in the backward pass, and the matrix would be rebuilt every forward). A new tensor instead when
+    `act` cannot be written (another dtype than the adaptor's, not contiguous, an inference tensor
+    outside inference mode, a leaf that needs grad)."""
     rows = x_a.shape[0]
     writable = _writable(act, lora.B.dtype)
     if writable and not torch.is_grad_enabled():
         act.view(rows, -1).addmm_(x_a, lora.block_diagonal_B(), alpha=lora.scaling)
         return act
     # [inst, n, rank] @ [inst, rank, d_out]: the instances as the batch
-    delta = torch.bmm(x_a.view(rows, lora.n_inst, lora.rank).transpose(0, 1), lora.B)
-    delta = delta.transpose(0, 1).reshape(act.shape)
+    x_a = x_a.view(rows, lora.n_inst, lora.rank).transpose(0, 1)
     if writable:
-        return act.add_(delta, alpha=lora.scaling)
+        act.view(rows, lora.n_inst, lora.d_out).transpose(0, 1).baddbmm_(
+            x_a, lora.B, alpha=lora.scaling
+        )
+        return act
+    delta = torch.bmm(x_a, lora.B).transpose(0, 1).reshape(act.shape)
     return act + (delta * lora.scaling).to(act.dtype)
 
 
@@ -273,13 +286,14 @@ def kept_outside_autograd(
     counter, so one made through `.data` (which has a counter of its own) is not."""
     if torch.is_grad_enabled():
         return build(*params)
+    key = [torch.is_inference_mode_enabled()]
     try:
-        key = [(p.data_ptr(), p._version) for p in params]
+        for p in params:  # (a loop, not a comprehension: this runs in every hook call)
+            key += (id(p), p.data_ptr(), p._version)
     except RuntimeError:  # inference tensors keep no version counter
         return build(*params)
-    key.append(torch.is_inference_mode_enabled())
     entry = kept.get(name)
-    if entry and entry[1] == key and all(a is b for a, b in zip(entry[0], params, strict=True)):
+    if entry is not None and entry[1] == key:  # entry[0] keeps the params alive: ids stay theirs
         return entry[2]
     value = build(*params)
     kept[name] = (params, key, value)
@@ -381,12 +395,12 @@ class LoraHooks(nn.Module):
         if kept and kept[0] is x and kept[1] is grad:
             return kept[2]
         loras = (self.lora_q, self.lora_k, self.lora_v)
-        As = tuple(lora._parameters["A"] for lora in loras)
+        As = tuple([lora._parameters["A"] for lora in loras])
         A = kept_outside_autograd(self._kept, "A_qkv", As, _side_by_side)
         rows = x.reshape(-1, x.shape[-1])
         x_a = (rows if rows.dtype == A.dtype else rows.to(A.dtype)) @ A
-        q, k = (lora.n_inst * lora.rank for lora in loras[:2])  # the column blocks' widths
-        parts = {"hook_q": x_a[:, :q], "hook_k": x_a[:, q : q + k], "hook_v": x_a[:, q + k :]}
+        widths = [lora.n_inst * lora.rank for lora in loras]
+        parts = dict(zip(("hook_q", "hook_k", "hook_v"), x_a.split_with_sizes(widths, 1)))
         self._x_a = (x, grad, parts)
         return parts
 
