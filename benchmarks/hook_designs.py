@@ -9,8 +9,9 @@ library. Three forwards of the embedded model, batch 8 × 24, adaptors with non-
 * ``base``: no hooks;
 * ``einsum``: the course's version of the hooks (until 29 Nov also the library's): each of q, k, v
   calls its ``Lora`` on the stored x and adds the result; W_O's adaptor is two einsums and an add;
-* ``library``: ``LoraHooks`` as it is now: one ``x @ [A_q A_k A_v]`` per layer, the products
-  accumulated into the hooks' activations, the side-by-side A kept between no-grad forwards.
+* ``library``: ``LoraHooks`` as it is now: one ``x @ [A_q A_k A_v]`` per layer, each adaptor's
+  heads as one block-diagonal matrix (outside autograd), the products accumulated into the hooks'
+  activations, the matrices kept between no-grad forwards until a parameter changes.
 
 Besides the whole-forward ratios it prints the time spent inside each design's hooks (summed within
 single forwards, least over the rounds). That sum over-counts a little: the first operation after a

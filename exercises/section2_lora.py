@@ -189,7 +189,7 @@ if __name__ == "__main__":
 #   each head's slice of q runs as one small product per head. Put the heads' B's on the diagonal
 #   of one `[head·rank, head·d_head]` matrix instead (`Lora.block_diagonal_B`, zeros elsewhere):
 #   `x_a @ it` is every head's `x_a B` side by side, in one product. It multiplies the zeros too
-#   (9× the arithmetic of the batched product, still ~1% of W_Q's), and is cheaper all the same.
+#   (9× the arithmetic of the batched product, ~0.6% of the layer's), and is cheaper all the same.
 #   W_O's adaptor does the same with A_o (`block_diagonal_A`).
 # * **Add inside the matmul.** `add_low_rank_(act, x_a, lora)` computes `act + (α/r)·x_a B` as
 #   one `addmm_`: the product is accumulated straight into the activation the hook received, with
