@@ -89,9 +89,10 @@ def test_gradients_match_reference(name):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
-def test_kept_side_by_side_a_follows_parameter_changes():
-    """Outside autograd the side-by-side A is kept between forwards; an in-place change of a
-    parameter, a replaced parameter and a moved module must all be seen by the next forward."""
+def test_kept_matrices_follow_parameter_changes():
+    """Outside autograd the side-by-side A and the block-diagonal B's and A_o are kept between
+    forwards; an in-place change of a parameter, a replaced parameter, an optimizer step and
+    inference mode must all be seen by the next forward."""
     model = make_lora_model("tiny-llama")
     toks = tokens(model)
     layer = model.lora[0]
@@ -110,7 +111,7 @@ def test_kept_side_by_side_a_follows_parameter_changes():
         check()
     for lora, name in ((layer.lora_v, "A"), (layer.lora_v, "B"), (layer.lora_o, "A")):
         replacement = torch.randn_like(getattr(lora, name))
-        while replacement._version < getattr(lora, name)._version:  # only identity tells
+        while replacement._version < getattr(lora, name)._version:  # same version number
             replacement.add_(0)
         setattr(lora, name, nn.Parameter(replacement))  # replaced
         check()
