@@ -1,7 +1,8 @@
 """Markdown for docs/benchmarks.md from run.py's results (a plain dict, also saved as JSON).
 
-Only the part between the two markers is generated; the prose around it is kept, so the analysis
-written by hand survives a re-run.
+Only the part between the two markers is generated (`render_devices`: the headline figures with
+one column per kind of device, then each device's run in full); the prose around it is kept, so
+the analysis written by hand survives a re-run.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def _forward_rows(
     return rows
 
 
-def render(results: dict) -> str:
+def device_tables(results: dict) -> str:
+    """One run's settings paragraph, results table and breakdowns."""
     meta = results["meta"]
     rows: list[list[str]] = []
     fwd = results.get("forward")
@@ -160,23 +162,33 @@ def render(results: dict) -> str:
             rows.append(["5", f"{what}: `{s['command']}`", value, "—", s.get("detail", "")])
 
     out = [
-        BEGIN,
-        "",
         _settings(meta),
         "",
         "| # | what | ratio (min/min) | target | times: min (median) |",
         "|---|---|---|---|---|",
     ]
     out += ["| " + " | ".join(cells) + " |" for cells in rows]
+    out.append("")
     if fwd:
-        breakdown = _forward_breakdown(
-            fwd["times"], fwd["hook_seconds"], fwd["notes"]["n_hooks"], fwd["notes"].get("n_layers")
-        )
-        out += ["", breakdown, ""]
+        if fwd.get("hook_seconds"):
+            breakdown = _forward_breakdown(
+                fwd["times"],
+                fwd["hook_seconds"],
+                fwd["notes"]["n_hooks"],
+                fwd["notes"].get("n_layers"),
+            )
+            out += [breakdown, ""]
+        else:
+            out += [NO_HOOK_TIMES, ""]
         if "peft_fwdbwd" in fwd["times"]:
             out += [_peft_breakdown(fwd["times"], fwd["notes"]), ""]
-    out.append(END)
     return "\n".join(out)
+
+
+NO_HOOK_TIMES = (
+    "The time inside each kind of hook is not measured on this device: its kernels run "
+    "asynchronously, so a clock read inside a hook sees only the launches."
+)
 
 
 def _settings(meta: dict) -> str:
@@ -343,3 +355,121 @@ def write(path: Path, block: str, title: str = "# Benchmarks") -> None:
         text = f"{title}\n\n{block}\n" + (f"\n{text}" if text else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+# ------------------------------------------------------------------------------- by device
+
+DEVICE_KINDS = {"cpu": "CPU", "cuda": "GPU"}  # results file stem -> column title
+
+
+def device_kind(device: str) -> str:
+    """``"cuda"`` for a CUDA device (``cuda``, ``cuda:1``, ``cuda (NVIDIA …)``), else ``"cpu"``."""
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def render_devices(by_kind: dict[str, dict]) -> str:
+    """The whole generated block: the headline figures with one column per kind of device
+    (the latest run on each), then each run's own tables. A kind without a run gets a column
+    that says how to fill it."""
+    if not by_kind:
+        raise ValueError("no benchmark results to render")
+    out = [BEGIN, "", summary_table(by_kind), ""]
+    for kind, title in DEVICE_KINDS.items():
+        if kind in by_kind:
+            out += [f"### {title}", "", device_tables(by_kind[kind])]
+    out.append(END)
+    return "\n".join(out)
+
+
+def summary_table(by_kind: dict[str, dict]) -> str:
+    """Rows: the issue's measures; columns: CPU and GPU (`DEVICE_KINDS`)."""
+    columns = []
+    for kind, title in DEVICE_KINDS.items():
+        results = by_kind.get(kind)
+        if results is None:
+            columns.append((f"{title}: not measured yet", None))
+            continue
+        meta = results["meta"]
+        where = meta["device"] if kind != "cpu" else f"{meta['machine']}, {meta['threads']} threads"
+        columns.append((f"{title}: {where}, {meta['date']}", _headlines(results)))
+    lines = [
+        "Headline figures by device: the latest run on each (its raw results in "
+        "`docs/benchmarks/<cpu|cuda>.json`, its full tables below). Ratios min/min, the paired "
+        "median in brackets.",
+        "",
+        "| # | what | target | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for key, (num, what, target) in HEADLINES.items():
+        cells = []
+        for _, values in columns:
+            if values is None:
+                cells.append(MISSING_DEVICE if key == next(iter(HEADLINES)) else "")
+            else:
+                cells.append(values.get(key, "—"))
+        lines.append(f"| {num} | {what} | {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MISSING_DEVICE = (
+    "run `python benchmarks/run.py --device cuda` on a machine with one: it adds this column and "
+    "keeps the CPU's"
+)
+
+HEADLINES = {  # key -> (issue's item, what, target)
+    "forward": ("1", "forward, LoRA model vs base", f"≤ {FORWARD_TARGET:.2f}×"),
+    "fwdbwd": ("1", "forward+backward, LoRA vs base", "—"),
+    "fwdbwd_full": ("1", "forward+backward, LoRA vs full fine-tuning", "—"),
+    "peft": ("2", "forward+backward, our LoRA vs PEFT (same rank, targets)", "report"),
+    "merged": ("3", "forward, merged vs base", "1.00 within noise"),
+    "memory": ("4", "one RLHF phase, peak memory, LoRA vs full fine-tuning", f"≤ {MEMORY_TARGET}×"),
+    "phase_time": (
+        "4",
+        "one RLHF phase, time, LoRA vs full fine-tuning",
+        f"≤ {PHASE_TIME_TARGET:.1f}×",
+    ),
+    "trainable": ("4", "trainable parameters", "—"),
+    "suite": ("5", "test suite / grading the solutions", "—"),
+}
+
+
+def _short(r: Ratio) -> str:
+    return f"{_x(r.best)} ({_x(r.paired)})"
+
+
+def _headlines(results: dict) -> dict[str, str]:
+    """The summary table's cells for one run (a measure the run skipped is left out)."""
+    cells: dict[str, str] = {}
+    fwd = results.get("forward")
+    if fwd:
+        t = fwd["times"]
+        r = ratio(t, "lora_only_fwd", "base_fwd")
+        verdict = forward_verdict(r, _lora_hooks_share(t, fwd.get("hook_seconds")))
+        cells["forward"] = f"{_short(r)} — {verdict.split(' — ', 1)[1]}"
+        cells["fwdbwd"] = _short(ratio(t, "lora_fwdbwd", "base_fwdbwd"))
+        cells["fwdbwd_full"] = _short(ratio(t, "lora_fwdbwd", "full_ft_fwdbwd"))
+        if "peft_fwdbwd" in t:
+            cells["peft"] = _short(ratio(t, "lora_only_fwdbwd", "peft_fwdbwd"))
+        r = ratio(t, "merged_fwd", "base_fwd")
+        cells["merged"] = f"{_short(r)} — {_merged_verdict(r).split(' (')[0]}"
+    phase = results.get("phase")
+    if phase:
+        lora, full = phase["lora"], phase["full"]
+        key = "cuda_peak_mb" if "cuda_peak_mb" in lora[0] else "peak_rss_mb"
+        what = "CUDA allocated" if key == "cuda_peak_mb" else "resident"
+        mem = statistics.median(x[key] for x in lora) / statistics.median(x[key] for x in full)
+        cells["memory"] = f"{_x(mem)} ({what}) — {_verdict(mem <= MEMORY_TARGET)}"
+        last = min(x["phase_seconds"][-1] for x in lora) / min(x["phase_seconds"][-1] for x in full)
+        cells["phase_time"] = f"{_x(last)} — {_verdict(last <= PHASE_TIME_TARGET)}"
+        lo = lora[0]
+        cells["trainable"] = (
+            f"{_params(lo['trainable_params'])} "
+            f"({100 * lo['trainable_params'] / lo['base_params']:.2f}% of the base)"
+        )
+    suite = results.get("suite") or {}
+    if suite:
+        cells["suite"] = " / ".join(
+            f"{suite[k]['seconds']:.0f} s" if suite.get(k, {}).get("ran") else "skipped"
+            for k in ("pytest", "grade")
+        )
+    return cells

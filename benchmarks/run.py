@@ -5,9 +5,11 @@
     python benchmarks/run.py --quick         # fewer rounds and processes: a smoke run
     python benchmarks/run.py --device cuda   # on a GPU
 
-Writes the results table into docs/benchmarks.md (between its markers; the prose around it is
-kept) and, with --json, the raw timings. What is measured, and why that way, is in
-docs/benchmarks.md.
+Keeps the raw results of the latest run on each kind of device in docs/benchmarks/cpu.json and
+docs/benchmarks/cuda.json, and writes the tables into docs/benchmarks.md (between its markers; the
+prose around it is kept): the headline figures with one column per kind of device, so a run on a
+GPU adds a GPU column beside the CPU's, then each run's full tables. What is measured, and why
+that way, is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -99,8 +101,10 @@ def run_forward(opts, meta: dict) -> dict:
             f"  round {r + 1}/{opts.repeats} ({time.perf_counter() - start:.0f} s)"
         ),
     )
-    _log("time inside each kind of hook")
-    hooks = models.hook_times(setup, rounds=opts.repeats)
+    hooks = None  # a GPU runs the hooks' kernels asynchronously: a clock in a hook sees launches
+    if not opts.device.startswith("cuda"):
+        _log("time inside each kind of hook")
+        hooks = models.hook_times(setup, rounds=opts.repeats)
     meta["load_samples"].append(_load())
     return {
         "times": times,
@@ -207,6 +211,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 rounds, 1 process per trainer, 1 phase")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        help="where each kind of device's latest raw results are kept (default: --out without "
+        "its .md, i.e. docs/benchmarks/)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(
         "--threads",
@@ -238,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.repeats = opts.repeats or (3 if opts.quick else 9)
     opts.phase_processes = opts.phase_processes or (1 if opts.quick else 2)
     opts.phases = opts.phases or (1 if opts.quick else 2)
+    opts.results_dir = opts.results_dir or opts.out.with_suffix("")
     opts.forward, opts.peft, opts.phase = (
         part not in opts.skip for part in ("forward", "peft", "phase")
     )
@@ -274,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(argv)
     import torch
 
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(
+            f"benchmarks/run.py: --device {opts.device}: no CUDA device here (torch "
+            f"{torch.__version__}); run it on a machine with a GPU, or leave out --device"
+        )
     torch.set_num_threads(opts.threads)
     meta = collect_meta(opts, argv)
     results: dict = {"meta": meta}
@@ -285,13 +301,32 @@ def main(argv: list[str] | None = None) -> dict:
         results["suite"] = run_suite(opts, meta)
     samples = meta["load_samples"]
     meta["load_average"] = {"start": samples[0], "end": samples[-1], "max": max(samples)}
-    block = report.render(results)
-    report.write(opts.out, block)
+    kind = report.device_kind(opts.device)
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    (opts.results_dir / f"{kind}.json").write_text(json.dumps(results, indent=1) + "\n")
     if opts.json:
         opts.json.write_text(json.dumps(results, indent=1))
+    block = report.render_devices(load_results(opts.results_dir))
+    report.write(opts.out, block)
     print(block)
-    _log(f"wrote {opts.out}")
+    _log(f"wrote {opts.out} and {opts.results_dir / f'{kind}.json'}")
     return results
+
+
+def load_results(directory: Path) -> dict[str, dict]:
+    """The latest raw results of each kind of device kept in `directory`, by kind."""
+    out = {}
+    for kind in report.DEVICE_KINDS:
+        path = directory / f"{kind}.json"
+        if path.exists():
+            try:
+                out[kind] = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise SystemExit(
+                    f"benchmarks/run.py: {path} is not valid JSON ({err}); delete it "
+                    "or re-run the benchmark on that device"
+                ) from None
+    return out
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ and the RLHF phases (fresh processes, seconds each) are left out to keep this we
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
 from pathlib import Path
 
@@ -16,6 +18,27 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import report, run  # noqa: E402
 from benchmarks.timing import ratio, time_interleaved  # noqa: E402
+
+DOCS = ROOT / "docs" / "benchmarks.md"
+KEPT = ROOT / "docs" / "benchmarks"  # the latest raw results of each kind of device
+QUICK = ["--model", "tiny-llama", "--skip", "peft", "--skip", "phase", "--repeats", "1"]
+
+
+def _as_gpu_run(results: dict) -> dict:
+    """A CPU run's results relabelled as a GPU run's (what run.py stores after `--device cuda`):
+    the hooks not timed, peak CUDA memory measured, every ratio halved or doubled so that no
+    number of the GPU column can be the CPU's."""
+    gpu = copy.deepcopy(results)
+    gpu["meta"]["device"] = "cuda (NVIDIA H200)"
+    gpu["meta"]["date"] = "2026-12-01 09:00"
+    fwd = gpu["forward"]
+    fwd["hook_seconds"] = None
+    fwd["times"]["lora_only_fwd"] = [2 * x for x in fwd["times"]["lora_only_fwd"]]
+    for process in gpu["phase"]["lora"]:
+        process["cuda_peak_mb"] = 100.0
+    for process in gpu["phase"]["full"]:
+        process["cuda_peak_mb"] = 400.0
+    return gpu
 
 
 def test_a_quick_run_writes_the_table_and_keeps_the_prose_around_it(tmp_path):
@@ -39,6 +62,9 @@ def test_a_quick_run_writes_the_table_and_keeps_the_prose_around_it(tmp_path):
 
     text = out.read_text()
     assert "prose before" in text and "prose after" in text and "stale" not in text
+    assert json.loads((tmp_path / "benchmarks" / "cpu.json").read_text()) == results
+    assert "| CPU: " in text and "| GPU: not measured yet |" in text
+    assert "--device cuda` on a machine with one" in text
     assert (
         "| 1 | Forward: LoRA model (base + adaptors: `lora_fwd_hooks`) vs base `forward` |" in text
     )
@@ -81,3 +107,61 @@ def test_the_hooks_share_leaves_out_the_value_head():
     seconds = {"attn.hook_q": 0.01, "hook_attn_out": 0.01, report.VALUE_HEAD_HOOK: 0.2}
     assert report._lora_hooks_share(times, seconds) == pytest.approx(0.02 / 0.4)
     assert report._lora_hooks_share(times, None) is None
+
+
+def test_the_committed_tables_are_rendered_from_the_committed_raw_results():
+    """docs/benchmarks.md's generated block is exactly what its raw results give: no figure in
+    it was typed by hand or left from another run."""
+    text = DOCS.read_text()
+    block = report.BEGIN + text.split(report.BEGIN, 1)[1].split(report.END, 1)[0] + report.END
+    assert block == report.render_devices(run.load_results(KEPT))
+    assert "cpu" in run.load_results(KEPT)
+
+
+def test_a_gpu_run_adds_a_column_beside_the_cpus(tmp_path):
+    cpu = json.loads((KEPT / "cpu.json").read_text())
+    gpu = _as_gpu_run(cpu)
+    block = report.render_devices({"cpu": cpu, "cuda": gpu})
+    header = next(line for line in block.splitlines() if line.startswith("| # |"))
+    assert header.endswith(
+        "| CPU: AMD EPYC, 2 threads, 2026-11-29 12:28 | GPU: cuda (NVIDIA H200), 2026-12-01 09:00 |"
+    )
+    rows = {
+        line.split(" | ")[1]: line.split(" | ")
+        for line in block.splitlines()
+        if line.startswith("| ") and not line.startswith(("| # ", "|---"))
+    }
+    cpu_cell, gpu_cell = rows["forward, LoRA model vs base"][3:5]
+    assert cpu_cell.startswith("1.071× (1.054×) — **missed**") and "hooks 1.057×" in cpu_cell
+    assert gpu_cell.startswith("2.142×") and "hooks" not in gpu_cell  # not timed on a GPU
+    memory = rows["one RLHF phase, peak memory, LoRA vs full fine-tuning"]
+    assert memory[3].startswith("0.344× (resident) — met")
+    assert memory[4].startswith("0.250× (CUDA allocated) — met")
+    assert "### CPU" in block and "### GPU" in block and report.NO_HOOK_TIMES in block
+    assert block.index("### CPU") < block.index("### GPU")
+
+
+def test_a_cpu_run_keeps_the_stored_gpu_column(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    (tmp_path / "benchmarks").mkdir()
+    gpu = _as_gpu_run(json.loads((KEPT / "cpu.json").read_text()))
+    (tmp_path / "benchmarks" / "cuda.json").write_text(json.dumps(gpu))
+    run.main([*QUICK, "--threads", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "| GPU: cuda (NVIDIA H200), 2026-12-01 09:00 |" in text
+    assert "### GPU" in text and "tiny-llama" in text.split("### GPU")[0]
+    assert json.loads((tmp_path / "benchmarks" / "cuda.json").read_text()) == gpu
+
+
+def test_bad_device_and_bad_kept_results_stop_with_a_clear_message(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
+            run.main([*QUICK, "--device", "cuda", "--out", str(tmp_path / "b.md")])
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "cpu.json").write_text('{"meta": ')
+    with pytest.raises(SystemExit, match=r"cpu.json is not valid JSON .*re-run"):
+        run.load_results(tmp_path / "kept")
+    with pytest.raises(ValueError, match="no benchmark results"):
+        report.render_devices({})
