@@ -3,16 +3,13 @@
     python benchmarks/fused_design.py                # 30 rounds, ~2 min on 2 cores
     python benchmarks/fused_design.py --rounds 100   # the figures in docs/benchmarks.md
 
-A design experiment behind docs/benchmarks.md ("Adaptors inside the base's product: tried, not
-adopted"), not part of the library. The fused design replaces each attention layer's
-`calculate_qkv_matrices` for the duration of a forward: A_q, A_k and A_v's columns are stacked
-under W_Q's rows, so one product `x · [W_Q | A_q A_k A_v]` (the one TransformerLens takes for q
-anyway, 60 rows wider) gives q and `x A` together; q, k and v each get `(α/r)(x A) B` added in
-place (`addmm_`, each adaptor's heads as one block-diagonal B) before their hook points; W_O's
-adaptor keeps its two hooks. Per layer: two hook calls instead of eight and no separate product
-with A. The stacked matrices are built once before timing (the parameters do not change), as a
-kept copy would be between no-grad forwards. Measured, on the embedded model, batch 8 × 24,
-adaptors with non-zero B, 2 threads:
+A design experiment behind docs/benchmarks.md ("Adaptors inside the base's product"), beside
+the benchmark command. `lora_rlhf.fused.fused_lora` replaces each attention layer's
+`calculate_qkv_matrices` for the duration of a block: A_q, A_k and A_v's columns are stacked under
+W_Q's rows, so one product `x · [W_Q | A_q A_k A_v]` (the one TransformerLens takes for q anyway,
+60 rows wider) gives q and `x A` together; q, k and v each get `(α/r)(x A) B` added in place
+before their hook points; W_O's adaptor keeps its two hooks. Measured on the embedded model, batch
+8 × 24, adaptors with non-zero B, 2 threads:
 
 1. the whole forward of base, hooks, fused and merged, interleaved (`benchmarks.timing`). The
    merged model computes the same function with no adaptor work at all, so its ratio to the base
@@ -29,79 +26,17 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import ratio, time_interleaved  # noqa: E402
-from lora_rlhf.lora import TransformerWithValueHeadLora, _side_by_side  # noqa: E402
+from lora_rlhf.fused import fused_lora  # noqa: E402
+from lora_rlhf.lora import TransformerWithValueHeadLora  # noqa: E402
 from lora_rlhf.merge import merge_lora  # noqa: E402
 from lora_rlhf.value_head import attached_hooks  # noqa: E402
-
-
-def fused_qkv(attn, layer):
-    """`attn.calculate_qkv_matrices` with `layer`'s q/k/v adaptors inside W_Q's product (no grad;
-    a grouped-query layer: `_W_K`, `_W_V`)."""
-    loras = (layer.lora_q, layer.lora_k, layer.lora_v)
-    A = _side_by_side(*(lora.A for lora in loras))  # [d_model, inst·rank]
-    W_Q = attn.W_Q
-    w_q = W_Q.permute(0, 2, 1).reshape(-1, W_Q.shape[1])  # TransformerLens' row order
-    stacked = torch.cat([w_q, A.T]).contiguous()
-    bias = torch.cat([attn.b_Q.reshape(-1), attn.b_Q.new_zeros(A.shape[1])])
-    w_k = attn._W_K.permute(0, 2, 1).reshape(-1, W_Q.shape[1])
-    w_v = attn._W_V.permute(0, 2, 1).reshape(-1, W_Q.shape[1])
-    b_k, b_v = attn._b_K.reshape(-1), attn._b_V.reshape(-1)
-    Bs = [lora.block_diagonal_B() for lora in loras]
-    widths = [lora.n_inst * lora.rank for lora in loras]
-    scale, q_width, d_head = loras[0].scaling, w_q.shape[0], attn.cfg.d_head
-
-    def qkv(query_input, key_input, value_input):
-        batch, pos = query_input.shape[:2]
-        both = F.linear(query_input, stacked, bias).view(batch * pos, -1)
-        q, x_a = both[:, :q_width], both[:, q_width:]
-        k = F.linear(key_input, w_k, b_k).view(batch * pos, -1)
-        v = F.linear(value_input, w_v, b_v).view(batch * pos, -1)
-        for act, part, B in zip((q, k, v), x_a.split_with_sizes(widths, 1), Bs, strict=True):
-            act.addmm_(part, B, alpha=scale)
-        return (
-            attn.hook_q(q.view(batch, pos, -1, d_head)),
-            attn.hook_k(k.view(batch, pos, -1, d_head)),
-            attn.hook_v(v.view(batch, pos, -1, d_head)),
-        )
-
-    return qkv
-
-
-def fused_lora(model):
-    """A context manager: within it the model's plain forward is the LoRA model, fused."""
-    with torch.no_grad():
-        patches = [
-            (block.attn, fused_qkv(block.attn, layer))
-            for block, layer in zip(model.blocks, model.lora, strict=True)
-        ]
-    out_hooks = [
-        (name, fn)
-        for layer in model.lora
-        for name, fn in layer.list_fwd_hooks()
-        if name.endswith((".attn.hook_z", ".hook_attn_out"))
-    ]
-
-    @contextmanager
-    def context():
-        for attn, fn in patches:
-            attn.calculate_qkv_matrices = fn
-        try:
-            with attached_hooks(model, out_hooks):
-                yield
-        finally:
-            for attn, _ in patches:
-                del attn.calculate_qkv_matrices
-
-    return context
 
 
 def qkv_seconds(model, tokens, design: str, rounds: int, fused) -> float:
@@ -161,7 +96,7 @@ def main() -> None:
                 param.normal_(std=0.02)
     model.eval()
     merged = merge_lora(model)
-    fused_context = fused_lora(model)
+    fused_context = lambda: fused_lora(model)  # noqa: E731
     tokens = torch.randint(0, model.cfg.d_vocab, (8, 24))
 
     def forward(design):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lora_rlhf.fused import fused_lora
 from lora_rlhf.lora import TransformerWithValueHeadLora
 from lora_rlhf.merge import merge_lora
 from lora_rlhf.models.sharing import distinct_tensors
@@ -77,6 +78,9 @@ def build(
         lora_logits, _ = model.forward_with_value_head(tokens)
         merged_logits = setup.merged(tokens)
         setup.notes["merged_max_abs_diff"] = (merged_logits - lora_logits).abs().max().item()
+        with fused_lora(model):
+            fused_logits = model(tokens)
+        setup.notes["fused_max_abs_diff"] = (fused_logits - lora_logits).abs().max().item()
     if with_peft and model.cfg.original_architecture == "LlamaForCausalLM":
         _add_peft(setup, rank, alpha)
     return setup
@@ -163,6 +167,10 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         with torch.no_grad(), attached_hooks(model, model.lora_fwd_hooks):
             model(tokens)
 
+    def lora_fused_fwd():  # the same adaptors, q/k/v inside W_Q's product (lora_rlhf.fused)
+        with torch.no_grad(), fused_lora(model):
+            model(tokens)
+
     def lora_only_fwdbwd():
         model.zero_grad(set_to_none=True)
         with attached_hooks(model, model.lora_fwd_hooks):
@@ -198,6 +206,7 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         "base_fwd": base_fwd,
         "lora_fwd": lora_fwd,
         "lora_only_fwd": lora_only_fwd,
+        "lora_fused_fwd": lora_fused_fwd,
         "lora_only_fwdbwd": lora_only_fwdbwd,
         "merged_fwd": merged_fwd,
         "hook_registration": hook_registration,

@@ -131,7 +131,7 @@ def test_a_gpu_run_adds_a_column_beside_the_cpus(tmp_path):
         for line in block.splitlines()
         if line.startswith("| ") and not line.startswith(("| # ", "|---"))
     }
-    cpu_cell, gpu_cell = rows["forward, LoRA model vs base"][3:5]
+    cpu_cell, gpu_cell = rows["forward, LoRA model (Exercise 2's hooks) vs base"][3:5]
     assert cpu_cell.startswith("1.071× (1.054×) — **missed**") and "hooks 1.057×" in cpu_cell
     assert gpu_cell.startswith("2.142×") and "hooks" not in gpu_cell  # not timed on a GPU
     memory = rows["one RLHF phase, peak memory, LoRA vs full fine-tuning"]
