@@ -22,7 +22,6 @@ before their hook points; W_O's adaptor keeps its two hooks. Measured on the emb
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -32,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.models import design_setup  # noqa: E402
 from benchmarks.timing import ratio, time_interleaved  # noqa: E402
 from lora_rlhf.fused import fused_lora  # noqa: E402
-from lora_rlhf.lora import TransformerWithValueHeadLora  # noqa: E402
 from lora_rlhf.merge import merge_lora  # noqa: E402
 from lora_rlhf.value_head import attached_hooks  # noqa: E402
 
@@ -83,21 +82,9 @@ def qkv_seconds(model, tokens, design: str, rounds: int, fused) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
-    opts = parser.parse_args()
-    torch.set_num_threads(opts.threads)
-    torch.manual_seed(0)
-    model = TransformerWithValueHeadLora.from_pretrained("smollm2-135m", rank=4, lora_alpha=32)
-    with torch.no_grad():
-        for name, param in model.lora.named_parameters():
-            if name.endswith(".B"):
-                param.normal_(std=0.02)
-    model.eval()
+    opts, model, tokens = design_setup(None, __doc__.split("\n\n")[0], rounds=30)
     merged = merge_lora(model)
     fused_context = lambda: fused_lora(model)  # noqa: E731
-    tokens = torch.randint(0, model.cfg.d_vocab, (8, 24))
 
     def forward(design):
         def run():

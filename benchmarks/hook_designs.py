@@ -21,7 +21,6 @@ The logits of the two designs are checked against each other.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -32,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.models import design_setup  # noqa: E402
 from benchmarks.timing import time_interleaved  # noqa: E402
-from lora_rlhf.lora import LoraHooks, TransformerWithValueHeadLora  # noqa: E402
+from lora_rlhf.lora import LoraHooks  # noqa: E402
 from lora_rlhf.value_head import attached_hooks  # noqa: E402
 
 
@@ -76,19 +76,7 @@ def timed(hooks: list, spent: list) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    opts = parser.parse_args()
-    torch.set_num_threads(opts.threads)
-    torch.manual_seed(0)
-    model = TransformerWithValueHeadLora.from_pretrained("smollm2-135m", rank=4, lora_alpha=32)
-    with torch.no_grad():
-        for name, param in model.lora.named_parameters():
-            if name.endswith(".B"):
-                param.normal_(std=0.02)
-    model.eval()
-    tokens = torch.randint(0, model.cfg.d_vocab, (8, 24))
+    opts, model, tokens = design_setup(None, __doc__.split("\n\n")[0], rounds=15)
     designs = {
         "einsum": [hook for layer in model.lora for hook in einsum_hooks(layer)],
         "library": model.lora_fwd_hooks,

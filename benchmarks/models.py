@@ -292,3 +292,25 @@ def param_counts(model: TransformerWithValueHeadLora) -> dict[str, int]:
         "lora": n(model.lora_params()),
         "value_head": n(model.get_value_head_params()),
     }
+
+
+def design_setup(argv: list[str] | None, description: str, rounds: int):
+    """What the design experiments (hook_designs.py, fused_design.py) share: `--rounds` and
+    `--threads`, and the embedded model with rank-4 adaptors whose B are non-zero (as trained
+    ones are), in eval mode. Returns (options, model, tokens of batch 8 × 24)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(0)
+    model = TransformerWithValueHeadLora.from_pretrained("smollm2-135m", rank=4, lora_alpha=32)
+    with torch.no_grad():
+        for name, param in model.lora.named_parameters():
+            if name.endswith(".B"):
+                param.normal_(std=0.02)
+    model.eval()
+    tokens = torch.randint(0, model.cfg.d_vocab, (8, 24))
+    return opts, model, tokens
