@@ -231,6 +231,7 @@ def test_other_lora_hooks_of_the_model_stay_attached():
         torch.testing.assert_close(fused, merge_lora(model)(toks), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # loads the embedded model
 def test_the_embedded_model_fused_equals_its_hooks():
     """The embedded SmolLM2 (weights in the loader's layout, 9 query heads on 3 K/V heads)."""
     model = make_lora_model("smollm2-135m", b_std=0.02)
