@@ -62,12 +62,7 @@ def build(
     model = TransformerWithValueHeadLora.from_pretrained(
         model_name, lora_alpha=alpha, rank=rank, device=device
     )
-    with torch.no_grad():
-        # B starts at zero; a trained adaptor has B ≠ 0 (same FLOPs, but then the merged and the
-        # PEFT logits can only match if the adaptors really are applied).
-        for name, param in model.lora.named_parameters():
-            if name.endswith(".B"):
-                param.normal_(std=0.02)
+    nonzero_B(model)
     model.eval()  # no dropout anywhere; eval only matters for PEFT's lora_dropout (0 anyway)
     tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq), device=device)
     setup = Setup(model=model, merged=merge_lora(model), tokens=tokens)
@@ -116,6 +111,16 @@ def _add_peft(setup: Setup, rank: int, alpha: float) -> None:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+@torch.no_grad()
+def nonzero_B(model: TransformerWithValueHeadLora) -> None:
+    """Every adaptor's B drawn from N(0, 0.02²). B starts at zero; a trained adaptor has B ≠ 0
+    (same FLOPs, but then the merged and the PEFT logits can only match if the adaptors really
+    are applied)."""
+    for name, param in model.lora.named_parameters():
+        if name.endswith(".B"):
+            param.normal_(std=0.02)
 
 
 def _embed_output_requires_grad(x: Tensor, hook) -> Tensor:
@@ -307,10 +312,7 @@ def design_setup(argv: list[str] | None, description: str, rounds: int):
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     model = TransformerWithValueHeadLora.from_pretrained("smollm2-135m", rank=4, lora_alpha=32)
-    with torch.no_grad():
-        for name, param in model.lora.named_parameters():
-            if name.endswith(".B"):
-                param.normal_(std=0.02)
+    nonzero_B(model)
     model.eval()
     tokens = torch.randint(0, model.cfg.d_vocab, (8, 24))
     return opts, model, tokens

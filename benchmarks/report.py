@@ -303,10 +303,10 @@ def _phase_rows(phase: dict, meta: dict) -> list[list[str]]:
         f"{s['batches_per_learning_phase']} passes, `{s['base_model']}`; "
         f"{len(lora)}+{len(full)} fresh processes"
     )
-    mem_ratio = med(lora, "peak_rss_mb") / med(full, "peak_rss_mb")
+    mem_ratio = _memory_ratio(phase, "peak_rss_mb")
     base_rss = med(lora + full, "rss_after_imports_mb")
     above = (med(lora, "peak_rss_mb") - base_rss) / (med(full, "peak_rss_mb") - base_rss)
-    time_ratio = best(lora, "phase_seconds", last) / best(full, "phase_seconds", last)
+    time_ratio = _phase_time_ratio(phase)
     rows = [
         [
             "4",
@@ -332,7 +332,7 @@ def _phase_rows(phase: dict, meta: dict) -> list[list[str]]:
             [
                 "4",
                 "One RLHF phase, peak CUDA memory allocated",
-                f"**{_x(med(lora, 'cuda_peak_mb') / med(full, 'cuda_peak_mb'))}**",
+                f"**{_x(_memory_ratio(phase, 'cuda_peak_mb'))}**",
                 "—",
                 f"{med(lora, 'cuda_peak_mb'):.0f} MB vs {med(full, 'cuda_peak_mb'):.0f} MB",
             ]
@@ -353,6 +353,21 @@ def _phase_rows(phase: dict, meta: dict) -> list[list[str]]:
         ]
     )
     return rows
+
+
+def _memory_ratio(phase: dict, key: str) -> float:
+    """LoRA trainer's over the full-fine-tuning trainer's peak memory (`key`: resident or CUDA),
+    medians over their processes."""
+    return statistics.median(run[key] for run in phase["lora"]) / statistics.median(
+        run[key] for run in phase["full"]
+    )
+
+
+def _phase_time_ratio(phase: dict) -> float:
+    """LoRA over full fine-tuning: the last phase of each process (caches warm, optimizer state
+    built), the least over processes."""
+    last = {name: min(run["phase_seconds"][-1] for run in phase[name]) for name in ("lora", "full")}
+    return last["lora"] / last["full"]
 
 
 def write(path: Path, block: str, title: str = "# Benchmarks") -> None:
@@ -477,14 +492,13 @@ def _headlines(results: dict) -> dict[str, str]:
         cells["merged"] = f"{_short(r)} — {_merged_verdict(r).split(' (')[0]}"
     phase = results.get("phase")
     if phase:
-        lora, full = phase["lora"], phase["full"]
-        key = "cuda_peak_mb" if "cuda_peak_mb" in lora[0] else "peak_rss_mb"
+        lo = phase["lora"][0]
+        key = "cuda_peak_mb" if "cuda_peak_mb" in lo else "peak_rss_mb"
         what = "CUDA allocated" if key == "cuda_peak_mb" else "resident"
-        mem = statistics.median(x[key] for x in lora) / statistics.median(x[key] for x in full)
+        mem = _memory_ratio(phase, key)
         cells["memory"] = f"{_x(mem)} ({what}) — {_verdict(mem <= MEMORY_TARGET)}"
-        last = min(x["phase_seconds"][-1] for x in lora) / min(x["phase_seconds"][-1] for x in full)
+        last = _phase_time_ratio(phase)
         cells["phase_time"] = f"{_x(last)} — {_verdict(last <= PHASE_TIME_TARGET)}"
-        lo = lora[0]
         cells["trainable"] = (
             f"{_params(lo['trainable_params'])} "
             f"({100 * lo['trainable_params'] / lo['base_params']:.2f}% of the base)"

@@ -133,10 +133,8 @@ def _stacked(
     """`[W_Q | A_q A_k A_v]` laid out as `F.linear` takes it (one row per output), and its bias
     (zeros for the A columns). W_Q's rows in the order TransformerLens uses: (head, d_head)."""
     A = _side_by_side(*As)  # [d_model, inst·rank], every adaptor's instances side by side
-    w_q = W_Q.permute(0, 2, 1).reshape(-1, W_Q.shape[1])
-    weight = torch.cat([w_q, A.T], dim=0)
-    bias = torch.cat([b_Q.reshape(-1), b_Q.new_zeros(A.shape[1])])
-    return weight, bias
+    w_q, b_q = _linear_layout(W_Q, b_Q)
+    return torch.cat([w_q, A.T], dim=0), torch.cat([b_q, b_q.new_zeros(A.shape[1])])
 
 
 def _fused_qkv(attn, layer: LoraHooks) -> QKV:
