@@ -1,0 +1,353 @@
+"""What a `lora-rlhf train` run writes, and how a saved run is read back.
+
+:class:`RunRecorder` writes ``metrics.jsonl`` as each phase ends and, at the end (or on Ctrl-C),
+the reward curve, the samples before/after, the adapter and the trainer state; :func:`restore`
+loads a saved run into a freshly built trainer for ``--resume``; :func:`print_summary` is the
+console summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_rlhf.train_settings import Plan, ResumePoint, reward_label
+
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "reward_curve.png"
+SAMPLES_MD = "samples.md"
+SAMPLES_JSON = "samples.json"
+TRAINER_STATE = "trainer_state.pt"
+RUN_FILES = ("adapter_config.json", METRICS_FILE)  # a folder holding one of these holds a run
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The per-phase metrics of a run folder (or of its ``metrics.jsonl``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _trained_params(trainer) -> list:
+    return [p for group in trainer.optimizer.param_groups for p in group["params"]]
+
+
+def _continue_schedule(trainer, phases_done: int) -> None:
+    """Set the learning rates to where the schedule is after ``phases_done`` phases."""
+    scheduler = trainer.scheduler
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    groups = trainer.optimizer.param_groups
+    if lambdas is None:  # not a LambdaLR: replay the steps
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            for _ in range(phases_done):
+                scheduler.step()
+        return
+    bases = list(scheduler.base_lrs)
+    for group, base, lr_lambda in zip(groups, bases, lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(phases_done)
+    scheduler.last_epoch = phases_done
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def restore(trainer, resume: ResumePoint) -> None:
+    """Load a saved run into a freshly built trainer: adaptors, value head, phase count, history,
+    optimizer and random-number state (when saved), and the learning-rate schedule."""
+    import torch
+
+    from lora_rlhf.adapters import load_adapter
+
+    load_adapter(trainer.model, resume.folder)
+    done = resume.phases_done
+    trainer.phase = done
+    trainer.history = [m for m in read_metrics(resume.folder) if m["phase"] < done]
+    state_path = resume.folder / TRAINER_STATE
+    bases = list(getattr(trainer.scheduler, "base_lrs", []))
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    if bases:  # this run's learning rates, not the saved ones (--base-lr may differ)
+        trainer.scheduler.base_lrs = bases
+    _continue_schedule(trainer, done)
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def _display(sample: str, bos: str | None) -> str:
+    if bos and sample.startswith(bos):
+        sample = sample[len(bos) :]
+    return sample.replace("\n", "⏎").replace("```", "'''")
+
+
+class RunRecorder:
+    """Writes a run's outputs into its folder: metrics as each phase ends, the rest on save."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.out = plan.out
+        self.metrics_path = self.out / METRICS_FILE
+        self.trainer = None
+        self.samples: dict[str, Any] = {}
+        if plan.resume is not None:
+            saved = plan.resume.folder / SAMPLES_JSON
+            if saved.is_file():
+                self.samples = {"before": json.loads(saved.read_text()).get("before")}
+
+    def start(self, trainer) -> None:
+        """(Re)write metrics.jsonl with the phases done so far (none, unless resuming)."""
+        self.trainer = trainer
+        with open(self.metrics_path, "w") as f:
+            for metrics in trainer.history:
+                f.write(json.dumps(metrics) + "\n")
+        self.snapshot()
+
+    def on_phase_end(self, metrics: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if not self.samples.get("before"):
+            phase = metrics["phase"]
+            what = "untrained adaptors" if phase == 0 else "first rollout of the resumed run"
+            self.samples["before"] = self._rollout_record(
+                phase, f"rollout of phase {phase}, {what}"
+            )
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Keep the trained tensors, optimizer and random state as they are after a finished phase
+        (a few MB with LoRA), so that Ctrl-C in the middle of a phase saves exactly the finished
+        phases and ``--resume`` carries on as if never interrupted."""
+        import copy
+
+        trainer = self.trainer
+        self._snapshot = {
+            "phase": trainer.phase,
+            "params": [p.detach().clone() for p in _trained_params(trainer)],
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(trainer.scheduler.state_dict()),
+            "rng": _rng_state(),
+        }
+
+    def rewind(self) -> None:
+        """Undo a phase cut short: back to the state of :meth:`snapshot`."""
+        import torch
+
+        trainer, snap = self.trainer, self._snapshot
+        with torch.no_grad():
+            for param, saved in zip(_trained_params(trainer), snap["params"]):
+                param.copy_(saved)
+        trainer.optimizer.load_state_dict(snap["optimizer"])
+        trainer.scheduler.load_state_dict(snap["scheduler"])
+        _set_rng_state(snap["rng"])
+        trainer.phase = snap["phase"]
+        trainer.history = [m for m in trainer.history if m["phase"] < snap["phase"]]
+
+    def _rollout_record(self, phase: int, what: str) -> dict[str, Any]:
+        trainer = self.trainer
+        rewards = trainer.rewards.tolist() if trainer.rewards is not None else []
+        return {"phase": phase, "what": what, "samples": list(trainer.samples), "rewards": rewards}
+
+    def sample_after(self) -> None:
+        """Sample a fresh batch from the trained policy (leaving the random state untouched)."""
+        import torch
+
+        trainer = self.trainer
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            _, samples = trainer.sample()
+        rewards = trainer.compute_rewards(samples).tolist()
+        self.samples["after"] = {
+            "phase": trainer.phase,
+            "what": f"fresh samples after {trainer.phase} phases of training",
+            "samples": samples,
+            "rewards": rewards,
+        }
+
+    def save_adapter(self, interrupted: bool) -> None:
+        """adapter.safetensors + adapter_config.json + trainer_state.pt (replaced atomically)."""
+        import torch
+
+        import lora_rlhf
+        from lora_rlhf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+
+        trainer, args = self.trainer, self.plan.rlhf_args
+        with tempfile.TemporaryDirectory(dir=self.out, prefix=".saving-") as tmp:
+            tmp = Path(tmp)
+            save_adapter(trainer.model, tmp, base_model=args.base_model)
+            config = json.loads((tmp / ADAPTER_CONFIG).read_text())
+            config.update(
+                library="lora_rlhf",
+                library_version=lora_rlhf.__version__,
+                phases_done=trainer.phase,
+                total_phases=args.total_phases,
+                seed=args.seed,
+                interrupted=interrupted,
+                reward=reward_label(self.plan.settings),
+                impl=self.plan.settings["impl"],
+                training=self.plan.settings,
+                torch_version=torch.__version__,
+                saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            )
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            torch.save(
+                {
+                    "optimizer": trainer.optimizer.state_dict(),
+                    "rng": _rng_state(),
+                    "phase": trainer.phase,
+                },
+                tmp / TRAINER_STATE,
+            )
+            # The config goes last: its presence marks a saved run.
+            for name in (ADAPTER_WEIGHTS, TRAINER_STATE, ADAPTER_CONFIG):
+                os.replace(tmp / name, self.out / name)
+
+    def save_plot(self) -> Path | None:
+        from lora_rlhf.plots import plot_reward_curve
+
+        history = self.trainer.history
+        if not history:
+            return None
+        title = f"{self.plan.rlhf_args.base_model} + LoRA r={self.plan.rlhf_args.lora_rank}: RLHF"
+        return plot_reward_curve(
+            history,
+            self.out / CURVE_FILE,
+            title=title,
+            reward_label=reward_label(self.plan.settings),
+        )
+
+    def save_samples(self) -> None:
+        (self.out / SAMPLES_JSON).write_text(json.dumps(self.samples, indent=1) + "\n")
+        tokenizer = getattr(self.trainer.model, "tokenizer", None)
+        bos = getattr(tokenizer, "bos_token", None)
+        s = self.plan.settings
+        lines = [
+            f"# Samples of `{self.out.name}`",
+            "",
+            f"Model `{s['model']}`, prompt {s['prefix']!r}, {s['gen_len']} generated tokens, "
+            f"temperature {s['temperature']}, top-k {s['top_k'] or 'off'}. "
+            f"Reward: {reward_label(s)} (prompt included).",
+        ]
+        for key, heading in (("before", "Before training"), ("after", "After training")):
+            record = self.samples.get(key)
+            if not record:
+                continue
+            rewards = record["rewards"]
+            mean = sum(rewards) / len(rewards) if rewards else float("nan")
+            lines += [
+                "",
+                f"## {heading} — {record['what']}",
+                "",
+                f"Mean reward {mean:.3f} over {len(rewards)} samples.",
+                "",
+                "```text",
+                *(f"[{r:g}] {_display(t, bos)}" for t, r in zip(record["samples"], rewards)),
+                "```",
+            ]
+        (self.out / SAMPLES_MD).write_text("\n".join(lines) + "\n")
+
+    def save_all(self, interrupted: bool) -> None:
+        """Everything: after an interruption, the last rollout stands in for fresh samples."""
+        self.save_adapter(interrupted)
+        self.save_plot()
+        if interrupted and self.trainer.sample_history:
+            start = self.plan.resume.phases_done if self.plan.resume else 0
+            phase = start + len(self.trainer.sample_history) - 1
+            what = f"rollout of phase {phase}, the last before the interruption"
+            self.samples["after"] = self._rollout_record(phase, what)
+        elif not interrupted:
+            self.sample_after()
+        self.save_samples()
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
+    """First-phase reward, mean of the last five phases, and their ratio (NaN when undefined)."""
+    if not history:
+        return {"first": math.nan, "last5": math.nan, "ratio": math.nan}
+    rewards = [m["reward_mean"] for m in history]
+    first, last5 = rewards[0], sum(rewards[-5:]) / len(rewards[-5:])
+    ratio = last5 / first if first > 0 else math.nan
+    return {"first": first, "last5": last5, "ratio": ratio}
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def print_summary(
+    plan: Plan, trainer, seconds: float, cpu_seconds: float, this_run: int, interrupted: bool
+) -> None:
+    s, out = summarize(trainer.history), plan.out
+    total = plan.rlhf_args.total_phases
+    state = (
+        f"Interrupted after {trainer.phase} of {total} phases"
+        if interrupted
+        else f"Done: {trainer.phase} phases"
+    )
+    per_phase = f" ({seconds / this_run:.1f} s/phase)" if this_run else ""
+    print(
+        f"\n{state}; {this_run} this run in {_duration(seconds)}{per_phase}, "
+        f"CPU time {_duration(cpu_seconds)}."
+    )
+    if trainer.history:
+        ratio = f"×{s['ratio']:.2f}" if math.isfinite(s["ratio"]) else "ratio n/a"
+        print(
+            f"Reward ({reward_label(plan.settings)}): first phase {s['first']:.3f}, "
+            f"last 5 phases {s['last5']:.3f} ({ratio})."
+        )
+    print(f"Output in {out}/:")
+    for name, what in (
+        (METRICS_FILE, "per-phase metrics"),
+        (CURVE_FILE, "reward curve"),
+        (SAMPLES_MD, "samples before/after training"),
+        ("adapter.safetensors", "LoRA + value-head weights (config: adapter_config.json)"),
+    ):
+        if (out / name).exists():
+            print(f"  {out / name}  — {what}")
+    more = total if interrupted else total * 2
+    print(f"Continue with: lora-rlhf train --resume {out} --phases {more}")

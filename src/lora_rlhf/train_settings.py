@@ -1,0 +1,304 @@
+"""`lora-rlhf train`'s settings: the defaults, and every check of the options that runs before a
+model is loaded (a bad option raises :class:`UsageError`, one line naming the option and the fix).
+
+:func:`merge_settings` layers the defaults, a resumed run's saved settings and the options given;
+the ``check_*`` functions judge the result; :func:`build_args` turns it into ``RLHFArgsLora``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# The default run: SmolLM2-135M learns to write more full stops after "This is". Chosen to finish
+# within 10 minutes on 2 CPU cores; the measurements behind it are in docs/training.md.
+DEFAULTS: dict[str, Any] = {
+    "model": "smollm2-135m",
+    "reward": "char_count",
+    "char": ".",
+    "prefix": "This is",
+    "phases": 30,
+    "batch_size": 16,
+    "minibatches": 2,
+    "batches_per_phase": 2,
+    "gen_len": 8,
+    "rank": 4,
+    "alpha": 32.0,
+    "base_lr": 1e-3,
+    "head_lr": 1e-3,
+    "kl_coef": 0.05,
+    "ent_coef": 0.001,
+    "warmup": 2,
+    "final_scale": 0.1,
+    "temperature": 1.0,
+    "top_k": 10,
+    "seed": 1,
+    "dtype": "float32",
+    "impl": "library",
+}
+
+# option (its dest) -> RLHFArgsLora field
+ARGS_FIELDS = {
+    "model": "base_model",
+    "prefix": "prefix",
+    "phases": "total_phases",
+    "batch_size": "batch_size",
+    "minibatches": "num_minibatches",
+    "batches_per_phase": "batches_per_learning_phase",
+    "gen_len": "gen_len",
+    "rank": "lora_rank",
+    "alpha": "lora_alpha",
+    "base_lr": "base_lr",
+    "head_lr": "head_lr",
+    "kl_coef": "kl_coef",
+    "ent_coef": "ent_coef",
+    "warmup": "warmup_steps",
+    "final_scale": "final_scale",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "seed": "seed",
+}
+FIELD_FLAGS = {field: "--" + dest.replace("_", "-") for dest, field in ARGS_FIELDS.items()}
+# Options a resumed run must keep: the saved adaptors only fit the same model, rank and alpha.
+FIXED_ON_RESUME = ("model", "rank", "alpha")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A bad option, found before any model is loaded; the message is one line."""
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """A saved run to continue."""
+
+    folder: Path
+    config: dict[str, Any]
+    phases_done: int
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a run needs, checked; no model loaded yet."""
+
+    settings: dict[str, Any]
+    rlhf_args: Any  # RLHFArgsLora
+    trainer_class: type
+    out: Path
+    resume: ResumePoint | None
+    threads: int | None
+    show_progress: bool
+
+
+def read_resume_point(spec: str) -> ResumePoint:
+    from lora_rlhf.adapters import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        AdapterMismatchError,
+        read_adapter_config,
+    )
+
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"--resume {spec}: no such file or folder")
+    folder = path if path.is_dir() else path.parent
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"--resume {spec}: no saved run there ({ADAPTER_CONFIG} is missing)")
+    try:
+        config = read_adapter_config(folder)
+    except (AdapterMismatchError, json.JSONDecodeError, OSError) as err:
+        raise UsageError(f"--resume {spec}: {err}") from None
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(f"--resume {spec}: {folder / ADAPTER_WEIGHTS} is missing")
+    done = config.get("phases_done")
+    if not isinstance(done, int) or done < 0:
+        raise UsageError(
+            f"--resume {spec}: its adapter_config.json has no phases_done "
+            "(only a folder written by `lora-rlhf train` can be resumed)"
+        )
+    return ResumePoint(folder=folder, config=config, phases_done=done)
+
+
+def merge_settings(args: argparse.Namespace, resume: ResumePoint | None) -> dict[str, Any]:
+    """DEFAULTS, then the resumed run's settings, then the options given on the command line."""
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    settings = dict(DEFAULTS)
+    if resume is not None:
+        saved = dict(resume.config.get("training") or {})
+        saved.update(
+            model=resume.config["base_model"],
+            rank=resume.config["rank"],
+            alpha=float(resume.config["lora_alpha"]),
+        )
+        for key in FIXED_ON_RESUME:
+            if key in given and given[key] != saved[key]:
+                raise UsageError(
+                    f"{_flag(key)} {given[key]}: the resumed run has {_flag(key)} {saved[key]} "
+                    "(its adaptors only fit that)"
+                )
+        settings.update({k: v for k, v in saved.items() if k in DEFAULTS})
+    settings.update(given)
+    return settings
+
+
+def check_numbers(s: dict[str, Any]) -> None:
+    def require(ok: bool, dest: str, what: str) -> None:
+        if not ok:
+            raise UsageError(f"{_flag(dest)} {s[dest]}: {what}")
+
+    for dest in ("phases", "batch_size", "minibatches", "batches_per_phase", "gen_len"):
+        require(s[dest] > 0, dest, "must be a positive integer")
+    require(s["rank"] > 0, "rank", "the LoRA rank must be a positive integer")
+    require(math.isfinite(s["alpha"]) and s["alpha"] > 0, "alpha", "LoRA alpha must be > 0")
+    require(
+        s["batch_size"] % s["minibatches"] == 0,
+        "batch_size",
+        f"must be divisible by --minibatches {s['minibatches']}",
+    )
+    require(s["warmup"] >= 0, "warmup", "must be >= 0")
+    require(
+        s["warmup"] < s["phases"],
+        "phases",
+        f"must be greater than --warmup {s['warmup']} (the learning rate must finish warming up)",
+    )
+    for dest in ("base_lr", "head_lr", "kl_coef", "ent_coef", "final_scale"):
+        require(math.isfinite(s[dest]) and s[dest] >= 0, dest, "must be a number >= 0")
+    require(s["temperature"] > 0, "temperature", "must be > 0")
+    require(s["top_k"] >= 0, "top_k", "must be >= 0 (0: no top-k filtering)")
+    require(s["dtype"] in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+    require(len(str(s["char"])) > 0, "char", "must not be empty")
+
+
+def check_reward(s: dict[str, Any], char_given: bool) -> None:
+    from lora_rlhf.rewards import REWARDS
+
+    if s["reward"] not in REWARDS:
+        raise UsageError(
+            f"--reward {s['reward']}: unknown reward; known: {', '.join(sorted(REWARDS))}"
+        )
+    if char_given and s["reward"] not in ("char_count", "no_char"):
+        raise UsageError(f"--char applies to the char_count and no_char rewards, not {s['reward']}")
+
+
+def check_model(name: str) -> None:
+    from lora_rlhf.models import ModelUnavailableError, check_model_name
+
+    try:
+        check_model_name(name)
+    except ModelUnavailableError as err:
+        raise UsageError(f"--model {name}: {err}") from None
+
+
+def check_device(spec: str | None) -> None:
+    if spec is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {spec}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {spec}: MPS is not available here (use --device cpu)")
+
+
+def make_reward_fn(name: str, char: str):
+    """The registered reward ``name``; char_count and no_char count ``char``."""
+    from lora_rlhf.rewards import REWARDS
+
+    fn = REWARDS[name]
+    if name not in ("char_count", "no_char"):
+        return fn
+    reward = functools.partial(fn, char=char)
+    reward.__name__ = f"{name}({char!r})"
+    return reward
+
+
+def reward_label(settings: dict[str, Any]) -> str:
+    char = settings["char"]
+    return {
+        "char_count": f"count of {char!r} per sample",
+        "no_char": f"− count of {char!r} per sample",
+        "length": "length of the sample (characters)",
+    }.get(settings["reward"], settings["reward"])
+
+
+def build_args(settings: dict[str, Any], device: str | None, wandb: bool, wandb_project: str):
+    import torch
+
+    from lora_rlhf.args import ArgsError
+    from lora_rlhf.lora import RLHFArgsLora
+
+    fields = {field: settings[dest] for dest, field in ARGS_FIELDS.items()}
+    fields["top_k"] = fields["top_k"] or None
+    fields["dtype"] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        settings["dtype"]
+    ]
+    try:
+        return RLHFArgsLora(
+            **fields,
+            reward_fn=make_reward_fn(settings["reward"], settings["char"]),
+            device=device,
+            use_wandb=wandb,
+            wandb_project_name=wandb_project,
+        )
+    except (ArgsError, ValueError) as err:
+        message = str(err)
+        field = message.split(":", 1)[0]
+        if field in FIELD_FLAGS:  # "batch_size: must be …" -> "--batch-size: must be …"
+            message = FIELD_FLAGS[field] + message[len(field) :]
+        raise UsageError(message) from None
+
+
+def default_out() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / stamp
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"{stamp}-{n}"
+    return out
+
+
+def check_out(out: Path, resume: ResumePoint | None) -> None:
+    """The output folder exists (created now) and takes files; it never overwrites another run."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    same_as_resumed = (
+        resume is not None and out.exists() and out.resolve() == resume.folder.resolve()
+    )
+    if out.is_dir() and not same_as_resumed:
+        from lora_rlhf.train_outputs import RUN_FILES
+
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held:
+            raise UsageError(
+                f"--out {out}: already holds a run ({held[0]}); continue it with --resume {out} "
+                "or choose another folder"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UsageError(f"--out {out}: the output folder is not writable ({reason})") from None
