@@ -4,3 +4,4 @@ from lora_rlhf.checks import lora_checks  # noqa: F401, I001  (order matters: ex
 from lora_rlhf.checks import hooks_checks  # noqa: F401
 from lora_rlhf.checks import model_checks  # noqa: F401
 from lora_rlhf.checks import trainer_checks  # noqa: F401
+from lora_rlhf.checks import backward_checks  # noqa: F401  (gradient checks of exercises 2–3)

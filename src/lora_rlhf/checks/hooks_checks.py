@@ -46,7 +46,7 @@ def _hook_point(name: str) -> HookPoint:
 
 
 # --------------------------------------------------------------------------------------------
-@check("LoraHooks", points=5)
+@check("LoraHooks", points=4)
 def probe_hooks_adaptor_shapes(impl):
     """lora_q/lora_o have n_heads instances, lora_k/lora_v n_key_value_heads; d_model↔d_head."""
     hooks = _hooks(impl)
@@ -80,7 +80,7 @@ def judge_hooks_adaptor_shapes(out):
 
 
 # --------------------------------------------------------------------------------------------
-@check("LoraHooks", points=3)
+@check("LoraHooks", points=2)
 def probe_hooks_names(impl):
     """list_fwd_hooks gives the six hook names of its layer, each with a callable."""
     hooks = _hooks(impl).list_fwd_hooks()
@@ -107,7 +107,7 @@ def judge_hooks_names(out):
 
 
 # --------------------------------------------------------------------------------------------
-@check("LoraHooks", points=6)
+@check("LoraHooks", points=5)
 def probe_hooks_qkv_dispatch(impl):
     """lora_hook_qkv adds lora_q/k/v (chosen by hook name) of the stored input; others: ValueError."""
     cfg = _gqa_cfg()
@@ -178,7 +178,7 @@ def judge_hooks_qkv_dispatch(out):
 
 
 # --------------------------------------------------------------------------------------------
-@check("LoraHooks", points=6)
+@check("LoraHooks", points=5)
 def probe_hooks_out_summed(impl):
     """lora_hook_out adds lora_o(z) summed over heads to attn_out."""
     cfg = _gqa_cfg()
@@ -258,7 +258,7 @@ def _judge_merged(out, name: str):
     )
 
 
-@check("LoraHooks", points=5)
+@check("LoraHooks", points=4)
 def probe_hooks_merged_tiny_llama(impl):
     """Hooked tiny-llama (GQA) equals the model with the adaptors merged into its weights."""
     return _probe_merged(impl, "tiny-llama")
@@ -269,7 +269,7 @@ def judge_hooks_merged_tiny_llama(out):
     _judge_merged(out, "tiny-llama")
 
 
-@check("LoraHooks", points=5)
+@check("LoraHooks", points=4)
 def probe_hooks_merged_tiny_pythia(impl):
     """Hooked tiny-pythia (parallel attention+MLP) equals the merged model."""
     return _probe_merged(impl, "tiny-pythia")

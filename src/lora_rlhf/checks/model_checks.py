@@ -128,7 +128,7 @@ def judge_model_fwd_hooks(out):
 
 
 # --------------------------------------------------------------------------------------------
-@check("TransformerWithValueHeadLora", points=5)
+@check("TransformerWithValueHeadLora", points=4)
 def probe_model_frozen_params(impl):
     """Every base parameter frozen; LoRA and value head trainable; the trainable list is LoRA's."""
     model = _model(impl, assign=False)
@@ -186,7 +186,7 @@ def judge_model_frozen_params(out):
 
 
 # --------------------------------------------------------------------------------------------
-@check("TransformerWithValueHeadLora", points=5)
+@check("TransformerWithValueHeadLora", points=4)
 def probe_model_forward_with_value_head(impl):
     """forward_with_value_head equals the merged model's logits, and its values the value head's."""
     model = _model(impl)
@@ -266,7 +266,7 @@ def judge_model_plain_forward_is_base(out):
 
 
 # --------------------------------------------------------------------------------------------
-@check("TransformerWithValueHeadLora", points=5)
+@check("TransformerWithValueHeadLora", points=4)
 def probe_model_generate(impl):
     """generate uses the adaptors (= merged model's greedy tokens), with and without KV cache."""
     model = _model(impl)

@@ -95,18 +95,23 @@ def assign_layer(lora_hooks, values: dict, layer: int | str = "") -> None:
         assign_adaptor(module, *values[target], where=f"layer {layer} lora_{target}".strip())
 
 
+def attention_weights(model: HookedTransformer, layer: int) -> dict[str, Tensor]:
+    """The weights each adaptor adapts: W_Q, the real grouped _W_K/_W_V (or W_K/W_V), W_O."""
+    attn = model.blocks[layer].attn
+    grouped = getattr(attn, "_W_K", None) is not None
+    return {
+        "q": attn.W_Q,
+        "k": attn._W_K if grouped else attn.W_K,
+        "v": attn._W_V if grouped else attn.W_V,
+        "o": attn.W_O,
+    }
+
+
 @torch.no_grad()
 def merge_into(model: HookedTransformer, layers: list[dict], scaling: float) -> HookedTransformer:
     """Add scaling·A[h]·B[h] to every head's W_Q, _W_K/_W_V (real grouped weights) and W_O."""
     for i, values in enumerate(layers):
-        attn = model.blocks[i].attn
-        grouped = getattr(attn, "_W_K", None) is not None
-        targets = {
-            "q": attn.W_Q,
-            "k": attn._W_K if grouped else attn.W_K,
-            "v": attn._W_V if grouped else attn.W_V,
-            "o": attn.W_O,
-        }
+        targets = attention_weights(model, i)
         for target, weight in targets.items():
             if target not in values:
                 continue

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lora_rlhf.checks.core import check, expect
+from lora_rlhf.checks.core import CheckFailed, check, expect
 from lora_rlhf.checks.reference import base_model, close, max_diff, probe_device
 from lora_rlhf.ppo import gen_positions
 
@@ -24,13 +24,13 @@ SMOKE = dict(
 
 
 def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
-    """The submission's RLHFTrainerLora (or the library's) building the submission's model."""
+    """The submission's RLHFTrainerLora building the submission's model (the arguments are the
+    library's RLHFArgsLora: a dataclass of settings, which Exercise 4 only extends)."""
     from lora_rlhf.lora import RLHFArgsLora
-    from lora_rlhf.lora import RLHFTrainerLora as LibraryTrainer
 
-    trainer_cls = getattr(impl, "RLHFTrainerLora", None)
+    trainer_cls = impl.RLHFTrainerLora
     if not isinstance(trainer_cls, type):
-        trainer_cls = LibraryTrainer
+        raise CheckFailed(f"RLHFTrainerLora should be a class, got {type(trainer_cls).__name__}")
 
     class Trainer(trainer_cls):
         model_class = impl.TransformerWithValueHeadLora
@@ -39,7 +39,7 @@ def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
     return Trainer(args, show_progress=False)
 
 
-@check("RLHFTrainerLora", points=10, needs=("TransformerWithValueHeadLora",))
+@check("RLHFTrainerLora", points=10, needs=("RLHFTrainerLora", "TransformerWithValueHeadLora"))
 def probe_trainer_smoke_run(impl):
     """The smoke run trains on tiny-llama; the reference is the same model, its logits the base's."""
     trainer = smoke_trainer(impl)
