@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from lora_rlhf.authoring import sync
+    from lora_rlhf.authoring import MarkerError, sync
     from lora_rlhf.impl import repo_root
 
     root = Path(args.root) if args.root else repo_root()
@@ -19,7 +19,11 @@ def _sync(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    stale = sync(root, check=args.check)
+    try:
+        stale = sync(root, check=args.check)
+    except MarkerError as exc:
+        print(f"lora-rlhf sync: {exc}", file=sys.stderr)
+        return 2
     for path in stale:
         print(("stale: " if args.check else "wrote: ") + str(path.relative_to(root)))
     if args.check and stale:

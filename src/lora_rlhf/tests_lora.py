@@ -16,6 +16,10 @@ def _run(checks: list[Check], impl, what: str) -> None:
     failures = []
     for c in checks:
         result = run_check(c, impl)
+        stub = result.message.removeprefix("raised not implemented yet: ")
+        if stub != result.message:
+            # an untouched stub: stop with its own error, which names the exercise to fill in
+            raise NotImplementedError(stub)
         if not result.passed:
             failures.append(f"  ✗ {c.name} — {c.description}\n      {result.message}")
     if failures:
