@@ -15,24 +15,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "section2_lora.py"
 
 
-# The solution's fast hooks (src/lora_rlhf/lora.py), as the edits below find them.
-QKV_HOOK_TAIL = (
-    "        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst·rank]\n"
-    "        return add_low_rank_(qkv, x_a, adaptors[kind])"
+# Method bodies of the solution (src/lora_rlhf/lora.py), as the edits below find them.
+LORA_PRODUCTS = (
+    '        x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")\n'
+    '        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")\n'
+    "        return x_a_b * self.scaling"
 )
-OUT_HOOK_TAIL = (
-    "        # Σ_heads inside the contraction: [batch·pos, head·rank] @ [head·rank, d_model],\n"
-    "        # added into attn_out.\n"
-    "        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)"
+QKV_DISPATCH = (
+    '        adaptors = {"hook_q": self.lora_q, "hook_k": self.lora_k, "hook_v": self.lora_v}\n'
+    '        kind = hook.name.split(".")[-1]\n'
+    "        if kind not in adaptors:\n"
+    '            raise ValueError(f"lora_hook_qkv serves hook_q, hook_k and hook_v, not {hook.name!r}")\n'
+    '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")\n'
+    "        return qkv + adaptors[kind](x)"
 )
-OUT_HOOK_BODY = (
-    "        # z_h A_o[h] for every head at once: z's heads side by side, [batch·pos, head·d_head],\n"
-    "        # times A_o's heads on a block diagonal gives [batch·pos, head·rank], heads side by side.\n"
-    "        z_a = z.reshape(-1, lora_o.n_inst * lora_o.d_in) @ lora_o.block_diagonal_A()\n"
-    + OUT_HOOK_TAIL
+OUT_HOOK = (
+    "        per_head = self.lora_o(self.z)  # [batch, pos, head, d_model]\n"
+    "        return attn_out + per_head.sum(dim=-2)"
 )
-# z_a as the mutants below use it: one [batch·pos, rank] block per head, heads as the batch
-PER_HEAD_Z_A = "        per_head_z_a = z_a.view(-1, lora_o.n_inst, lora_o.rank).transpose(0, 1)\n"
+STORES = (
+    '        self.attn_normalized: Float[Tensor, "batch pos d_model"] | None = None\n'
+    '        self.z: Float[Tensor, "batch pos n_heads d_head"] | None = None'
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ MUTANTS = [
     ),
     Edit(
         "scaling_missing",
-        (("x_a = x_a * self.scaling", "x_a = x_a"),),
+        (("return x_a_b * self.scaling", "return x_a_b"),),
         catches=("lora_forward_formula", "lora_alpha_scaling"),
         says="scaling is missing",
     ),
@@ -103,10 +107,9 @@ MUTANTS = [
         "x_times_ab",
         (
             (
-                "        x_a = x_a * self.scaling",
+                LORA_PRODUCTS,
                 '        ab = einops.einsum(self.A, self.B, "inst d_in rank, inst rank d_out -> inst d_in d_out")\n'
-                '        return einops.einsum(x, ab, "... inst d_in, inst d_in d_out -> ... inst d_out") * self.scaling\n'
-                "        x_a = x_a * self.scaling",
+                '        return einops.einsum(x, ab, "... inst d_in, inst d_in d_out -> ... inst d_out") * self.scaling',
             ),
         ),
         catches=("lora_xa_then_b",),
@@ -125,7 +128,7 @@ MUTANTS = [
     ),
     Edit(
         "no_dtype_cast",
-        (("        if self.dtype is not None:\n            x = x.to(self.dtype)\n", ""),),
+        (("        x = x.to(self.A.dtype)\n", ""),),
         catches=("lora_dtype",),
         says="cast x",
     ),
@@ -139,8 +142,8 @@ MUTANTS = [
         "k_v_dispatch_swapped",
         (
             (  # hook_k is served as if it were hook_v and the other way round
-                'kind = hook.name.rsplit(".", 1)[-1]',
-                'kind = hook.name.rsplit(".", 1)[-1]\n'
+                'kind = hook.name.split(".")[-1]',
+                'kind = hook.name.split(".")[-1]\n'
                 '        kind = {"hook_k": "hook_v", "hook_v": "hook_k"}.get(kind, kind)',
             ),
         ),
@@ -151,7 +154,7 @@ MUTANTS = [
         "unknown_hook_no_error",
         (
             (
-                '            raise ValueError(f"lora_hook_qkv is for hook_q/hook_k/hook_v, not {hook.name!r}")',
+                '            raise ValueError(f"lora_hook_qkv serves hook_q, hook_k and hook_v, not {hook.name!r}")',
                 '            kind = "hook_q"',
             ),
         ),
@@ -162,8 +165,8 @@ MUTANTS = [
         "qkv_returns_adaptor_only",
         (
             (
-                "return add_low_rank_(qkv, x_a, adaptors[kind])",
-                "return add_low_rank_(torch.zeros_like(qkv), x_a, adaptors[kind])",
+                "return qkv + adaptors[kind](x)",
+                "return adaptors[kind](x)",
             ),
         ),
         catches=("hooks_qkv_dispatch",),
@@ -171,26 +174,13 @@ MUTANTS = [
     ),
     Edit(
         "heads_averaged",
-        (
-            (  # per-head outputs, then the mean over heads instead of the sum
-                OUT_HOOK_TAIL,
-                PER_HEAD_Z_A
-                + "        per_head = torch.bmm(per_head_z_a, lora_o.B) * lora_o.scaling  # [head, N, d_model]\n"
-                "        return attn_out + per_head.mean(0).reshape(attn_out.shape)",
-            ),
-        ),
+        (("return attn_out + per_head.sum(dim=-2)", "return attn_out + per_head.mean(dim=-2)"),),
         catches=("hooks_out_summed",),
         says="sum over the head axis",
     ),
     Edit(
-        "only_first_head",
-        (
-            (  # head 0's adaptor output alone, no sum over heads
-                OUT_HOOK_TAIL,
-                PER_HEAD_Z_A + "        head_0 = per_head_z_a[0] @ lora_o.B[0] * lora_o.scaling\n"
-                "        return attn_out + head_0.reshape(attn_out.shape)",
-            ),
-        ),
+        "only_first_head",  # head 0's adaptor output alone, no sum over heads
+        (("return attn_out + per_head.sum(dim=-2)", "return attn_out + per_head[..., 0, :]"),),
         catches=("hooks_out_summed",),
         says="Σ_heads",
     ),
@@ -273,95 +263,101 @@ MUTANTS = [
 
 
 VARIANTS = [
-    Edit(
-        "einsum_for_b_scaled_at_the_end",
+    Edit(  # as the course's own solution writes it: Lora modules per hook, einsum then .sum
+        "course_style",
         (
-            ("        x_a = x_a * self.scaling", "        pass"),
             (
-                "        lead = x_a.shape[:-2]\n"
-                "        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)\n"
-                "        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)\n"
-                "        return x_a_b.reshape(*lead, self.n_inst, self.d_out)",
-                '        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")\n'
-                "        return x_a_b * self.scaling",
+                LORA_PRODUCTS,
+                "        return einops.einsum(\n"
+                '            x, self.A, self.B, "... inst d_in, inst d_in rank, inst rank d_out -> ... inst d_out"\n'
+                "        ) * self.scaling",
+            ),
+            (
+                QKV_DISPATCH,
+                '        if hook.name.endswith("hook_q"):\n'
+                "            lora = self.lora_q\n"
+                '        elif hook.name.endswith("hook_k"):\n'
+                "            lora = self.lora_k\n"
+                '        elif hook.name.endswith("hook_v"):\n'
+                "            lora = self.lora_v\n"
+                "        else:\n"
+                '            raise ValueError(f"unexpected hook {hook.name}")\n'
+                "        return qkv + lora(self.attn_normalized.unsqueeze(-2))",
+            ),
+            (
+                OUT_HOOK,
+                "        lora_o = self.lora_o\n"
+                "        z_a = einops.einsum(\n"
+                '            self.z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
+                "        )\n"
+                "        per_head = einops.einsum(\n"
+                '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos head d_model"\n'
+                "        )\n"
+                '        return attn_out + einops.reduce(per_head, "batch pos head d_model -> batch pos d_model", "sum") * lora_o.scaling',
             ),
         ),
     ),
-    Edit(
-        "torch_einsum",
+    Edit(  # its own names for everything the exercise text leaves open
+        "own_attribute_names",
         (
             (
-                'x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")',
-                'x_a = torch.einsum("...id,idr->...ir", x, self.A)',
+                "self.scaling = lora_alpha / rank",
+                "self.scale, self.inst = lora_alpha / rank, n_inst",
+            ),
+            ("return x_a_b * self.scaling", "return x_a_b * self.scale"),
+            ("n_inst = self.A.shape[0]\n", "n_inst = self.inst\n"),
+            (STORES, "        self.x_in = None\n        self.z_store = None"),
+            ("        self.attn_normalized = normalized\n", "        self.x_in = normalized\n"),
+            ("        self.z = z\n", "        self.z_store = z\n"),
+            (
+                '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")',
+                '        x = einops.rearrange(self.x_in, "batch pos d_model -> batch pos 1 d_model")',
             ),
             (
-                "        lead = x_a.shape[:-2]\n"
-                "        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)\n"
-                "        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)\n"
-                "        return x_a_b.reshape(*lead, self.n_inst, self.d_out)",
+                "        per_head = self.lora_o(self.z)  # [batch, pos, head, d_model]",
+                "        per_head = self.lora_o(self.z_store)  # [batch, pos, head, d_model]",
+            ),
+        ),
+    ),
+    Edit(  # torch.einsum, and the sum over heads inside the second contraction
+        "torch_einsum_summed_inside",
+        (
+            (
+                LORA_PRODUCTS,
+                '        x_a = torch.einsum("...id,idr->...ir", x, self.A) * self.scaling\n'
                 '        return torch.einsum("...ir,iro->...io", x_a, self.B)',
             ),
+            (
+                OUT_HOOK,
+                "        lora_o = self.lora_o\n"
+                '        z_a = torch.einsum("bphd,hdr->bphr", self.z.to(lora_o.A.dtype), lora_o.A)\n'
+                '        return attn_out + torch.einsum("bphr,hrm->bpm", z_a, lora_o.B) * lora_o.scaling',
+            ),
         ),
     ),
-    Edit(
+    Edit(  # broadcasting matmuls, and the dispatch written with endswith
         "matmul_broadcasting",
         (
             (
-                'x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")',
-                "x_a = (x.unsqueeze(-2) @ self.A).squeeze(-2)",
+                LORA_PRODUCTS,
+                "        x_a = (x.unsqueeze(-2) @ self.A).squeeze(-2)\n"
+                "        return (x_a.unsqueeze(-2) @ self.B).squeeze(-2) * self.scaling",
             ),
             (
-                "        lead = x_a.shape[:-2]\n"
-                "        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)\n"
-                "        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)\n"
-                "        return x_a_b.reshape(*lead, self.n_inst, self.d_out)",
-                "        return (x_a.unsqueeze(-2) @ self.B).squeeze(-2)",
-            ),
-        ),
-    ),
-    Edit(
-        "sum_minus_two_and_endswith",
-        (
-            (  # the per-head outputs lora_o(z) (scaled), then the sum over heads as its own step
-                OUT_HOOK_BODY,
-                "        summed = lora_o(z).sum(-2)\n        return attn_out + summed.to(attn_out.dtype)",
-            ),
-            (
-                'kind = hook.name.rsplit(".", 1)[-1]',
+                'kind = hook.name.split(".")[-1]',
                 "kind = next((k for k in adaptors if hook.name.endswith(k)), hook.name)",
             ),
             (
-                QKV_HOOK_TAIL,
-                "        x = self.attn_normalized[:, :, None, :]\n"
-                "        return qkv + adaptors[kind](x).to(qkv.dtype)",
+                '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")',
+                "        x = self.attn_normalized[:, :, None, :]",
             ),
         ),
     ),
-    Edit(
-        "course_einsum_hooks",
+    Edit(  # the scale as α/r at the point of use, and the hooks listed in another order
+        "scale_recomputed_and_hooks_reordered",
         (
-            (  # the course's own version: the Lora modules in the q/k/v hooks, two einsums for W_O
-                QKV_HOOK_TAIL,
-                '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")\n'
-                "        return qkv + adaptors[kind](x).to(qkv.dtype)",
-            ),
-            (
-                OUT_HOOK_BODY,
-                "        z_a = einops.einsum(\n"
-                '            z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
-                "        )\n"
-                "        z_a = z_a * lora_o.scaling\n"
-                "        summed = einops.einsum(\n"
-                '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos d_model"\n'
-                "        )\n"
-                "        return attn_out + summed.to(attn_out.dtype)",
-            ),
-        ),
-    ),
-    Edit(
-        "scale_folded_into_b_and_hooks_reordered",
-        (
-            ("x_a = x_a * self.scaling", "x_a = x_a * (self.lora_alpha / self.rank)"),
+            ("self.scaling = lora_alpha / rank", "self.lora_alpha, self.rank = lora_alpha, rank"),
+            ("return x_a_b * self.scaling", "return x_a_b * (self.lora_alpha / self.rank)"),
             ('(f"blocks.{i}.attn.hook_z", self.store_hook_z),\n', ""),
             (
                 '(f"blocks.{i}.ln1.hook_normalized", self.store_hook_attn_normalized),\n',

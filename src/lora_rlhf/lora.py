@@ -44,6 +44,16 @@ from lora_rlhf.value_head import HookedTransformerWithValueHead
 
 FwdHook = tuple[str, Callable]
 
+
+def check_lora_settings(lora_alpha: float, **sizes: int) -> None:
+    """A clear error for a rank, size or α that cannot make an adaptor (given, not an exercise)."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+
+
 # %% [markdown]
 # ## Exercise 1 — `Lora`: n independent low-rank maps
 #
@@ -52,32 +62,22 @@ FwdHook = tuple[str, Callable]
 # * `A: [n_inst, d_in, rank]`, initialised with `nn.init.kaiming_uniform_(A, a=math.sqrt(5))`
 #   (the init `nn.Linear` uses), and `B: [n_inst, rank, d_out]`, initialised to **zeros**. With
 #   B = 0 the adaptor starts as the identity change: training begins from the pretrained model.
-#   (A must not be zero too: then no gradient would ever reach B, nor A.)
+#   (A must not be zero too: then no gradient would ever reach B, nor A.) `n_inst=None` means 1.
+#   When `dtype` is given, create both parameters with it.
 # * `forward(x: [..., inst, d_in]) -> [..., n_inst, d_out]` computes `(x @ A) @ B · lora_alpha / rank`
-#   for every instance. An `inst` axis of size 1 broadcasts over all instances; any other size
-#   that is not `n_inst` is an error. When `dtype` is given, cast `x` to it first.
+#   for every instance, e.g. with two `einops.einsum`s. An `inst` axis of size 1 broadcasts over
+#   all instances (einsum does that for you); raise a `ValueError` for any other size that is not
+#   `n_inst`. Cast `x` to the parameters' dtype first.
 #
 # Why **(xA)B** and never **x(AB)**? `A @ B` is a full `d_in × d_out` matrix: forming it costs
 # d_in·r·d_out multiply-adds and d_in·d_out memory, which is what LoRA exists to avoid. Multiplying
 # x by A first keeps every intermediate of width r.
 #
-# **A shared input.** When the `inst` axis is 1 (q, k and v all read the same x), do not copy x
-# once per instance: put every A side by side, `[d_in, n_inst·rank]`, and take one matrix product
-# `x @ [A_1 … A_n]`, then split its columns back into instances.
-#
 # Why **no bias**? The frozen layer already has its bias; a trainable one would not be low-rank
 # and would double what the adaptor can shift.
 #
 # Why **α/r**? The scale keeps the size of the update roughly independent of the rank, so the
-# learning rate need not be re-tuned when r changes. *Where* you multiply by it is free to choose
-# (it is a scalar); the cheapest place is the rank-wide `x @ A`, not the d_out-wide result.
-#
-# **Every instance at once.** `(x A) B` for all instances is one batched matrix product with the
-# instances as its batch: `[inst, N, rank] @ [inst, rank, d_out]` (`torch.bmm`), or the einsum
-# `"... inst rank, inst rank d_out -> ... inst d_out"`, which computes the same with more copying.
-# The adaptors run inside every forward pass of the policy: on the embedded model these two
-# choices cut the time of a layer's six hooks by 8–13% (same outputs, bit for bit;
-# docs/benchmarks.md).
+# learning rate need not be re-tuned when r changes. Keep it on the module (under any name).
 
 
 # %%
@@ -94,66 +94,28 @@ class Lora(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        _check_positive_int(
-            rank=rank, d_in=d_in, d_out=d_out, n_inst=1 if n_inst is None else n_inst
-        )
-        if not lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
-        # >>> exercise: Lora.__init__ — create A (kaiming-uniform) and B (zeros), store the scale
-        self.n_inst = 1 if n_inst is None else n_inst
-        self.d_in, self.d_out, self.rank = d_in, d_out, rank
-        self.lora_alpha = lora_alpha
+        n_inst = 1 if n_inst is None else n_inst
+        check_lora_settings(lora_alpha, d_in=d_in, d_out=d_out, rank=rank, n_inst=n_inst)
+        # >>> exercise: Lora.__init__ — create A (kaiming-uniform) and B (zeros), keep the scale α/r
         self.scaling = lora_alpha / rank
-        self.dtype = dtype
-        self.A = nn.Parameter(torch.empty(self.n_inst, d_in, rank, dtype=dtype))
-        self.B = nn.Parameter(torch.zeros(self.n_inst, rank, d_out, dtype=dtype))
+        self.A = nn.Parameter(torch.empty(n_inst, d_in, rank, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(n_inst, rank, d_out, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         # <<< exercise
-        self._kept: dict = {}  # what kept_outside_autograd keeps: the block-diagonal A and B
 
     def forward(self, x: Float[Tensor, "... inst d_in"]) -> Float[Tensor, "... n_inst d_out"]:
         # >>> exercise: Lora.forward — (x @ A) @ B · α/r, one map per instance
-        if x.shape[-2] not in (1, self.n_inst):
+        n_inst = self.A.shape[0]
+        if x.shape[-2] not in (1, n_inst):
             raise ValueError(
-                f"Lora with n_inst={self.n_inst} got input of shape {tuple(x.shape)}: the "
-                f"second-to-last axis must be {self.n_inst} (one input per instance) or 1 (broadcast)."
+                f"Lora with {n_inst} instances got an input of shape {tuple(x.shape)}: its "
+                f"second-to-last axis must be {n_inst} (one input per instance) or 1 (broadcast)"
             )
-        if self.dtype is not None:
-            x = x.to(self.dtype)
-        if x.shape[-2] == 1 < self.n_inst:
-            # One x for all instances: one GEMM x @ [A_1 … A_n], not n_inst copies of x (~5× faster).
-            A_all = einops.rearrange(self.A, "inst d_in rank -> d_in (inst rank)")
-            x_a = einops.rearrange(x @ A_all, "... 1 (inst rank) -> ... inst rank", rank=self.rank)
-        else:
-            x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")
-        x_a = x_a * self.scaling  # α/r on the narrow tensor: rank numbers per instance, not d_out
-        # (x A) B for all instances in one batched matmul, the instances as its batch:
-        # [inst, N, rank] @ [inst, rank, d_out] (an einsum does the same with more copying).
-        lead = x_a.shape[:-2]
-        x_a = x_a.reshape(-1, self.n_inst, self.rank).transpose(0, 1)
-        x_a_b = torch.bmm(x_a, self.B).transpose(0, 1)
-        return x_a_b.reshape(*lead, self.n_inst, self.d_out)
+        x = x.to(self.A.dtype)
+        x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")
+        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")
+        return x_a_b * self.scaling
         # <<< exercise
-
-    def block_diagonal_A(self) -> Float[Tensor, "inst_d_in inst_rank"]:
-        """Every instance's A on the diagonal of one `[inst·d_in, inst·rank]` matrix, zeros
-        elsewhere: `x.flatten(-2) @ it` is every instance's `x_i A_i` side by side, in one plain
-        matrix product instead of a batched one. Outside autograd kept until A changes."""
-        # (`_parameters[...]`, not `self.A`: nn.Module's attribute lookup is a Python call, and
-        # this runs in every hook call.)
-        return kept_outside_autograd(self._kept, "A", (self._parameters["A"],), _block_diag)
-
-    def block_diagonal_B(self) -> Float[Tensor, "inst_rank inst_d_out"]:
-        """Every instance's B on the diagonal of one `[inst·rank, inst·d_out]` matrix:
-        `x_a @ it` (x_a: every instance's x A side by side) is every instance's `x_a B` side by
-        side. Outside autograd kept until B changes."""
-        return kept_outside_autograd(self._kept, "B", (self._parameters["B"],), _block_diag)
-
-
-def _check_positive_int(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # %%
@@ -173,8 +135,10 @@ if __name__ == "__main__":
 # | `blocks.{i}.attn.hook_z` | store z, the per-head attention output (`store_hook_z`) |
 # | `blocks.{i}.hook_attn_out` | add `lora_o(z)` summed over heads (`lora_hook_out`) |
 #
-# Shapes: `lora_q` has one instance per query head and maps d_model → d_head; `lora_o` has one per
-# query head and maps d_head → d_model.
+# The two stores keep their activation on the module (start them at `None` in `__init__`) and
+# return nothing, so the activation passes on unchanged; the two adding hooks return the new
+# activation. Shapes: `lora_q` has one instance per query head and maps d_model → d_head;
+# `lora_o` has one per query head and maps d_head → d_model.
 #
 # **Grouped-query attention.** Models such as Llama and SmolLM2 have fewer key/value heads than
 # query heads (SmolLM2: 9 query heads share 3 K/V heads). The real weights `_W_K`, `_W_V` have
@@ -182,133 +146,20 @@ if __name__ == "__main__":
 # (the sharing happens after the hook). So `lora_k` and `lora_v` get **`cfg.n_key_value_heads`**
 # instances (n_heads when that is None): one adaptor per real K/V weight, not per query head.
 #
-# **Why sum W_O's adaptor over heads?** Attention's output is `Σ_h z_h W_O[h]`: every head writes
-# into the residual stream and the writes add up. The adaptor of W_O[h] must do the same:
-# `Σ_h (α/r) z_h A_o[h] B_o[h]`.
+# **One input for every head.** q, k and v all read the same x, `[batch, pos, d_model]`: give it
+# an `inst` axis of size 1 (`[batch, pos, 1, d_model]`) and `Lora` broadcasts it over the heads.
 #
-# **Sum inside the contraction.** You still write this sum, but not as a separate step:
-# `lora_o(z)` would return one d_model-wide output *per head*, a `[batch, pos, head, d_model]`
-# tensor (n_heads times the size of attn_out), only for it to be summed over `head` at once. Use
-# `lora_o`'s A, B and α/r directly instead: first `z_a = z A_o` per head, `[batch, pos, head, rank]`,
-# then put the sum into the second contraction,
-# `"batch pos head rank, head rank d_model -> batch pos d_model"`: `head` is in both inputs and not
-# in the output, so einsum sums over it. It is the same Σ_h, still (xA)B, without materialising
-# `[batch, pos, head, d_model]`: one `[.., head·rank] @ [head·rank, d_model]` product. (Cast z to
-# the adaptor's dtype first, as `Lora.forward` casts x.)
+# **Why sum W_O over heads?** Attention's output is `Σ_h z_h W_O[h]`: every head writes
+# into the residual stream and the writes add up. The adaptor of W_O[h] must do the same:
+# `Σ_h (α/r) z_h A_o[h] B_o[h]`, i.e. `lora_o(z)` summed over its head axis. (You may also put
+# the sum inside the second contraction, `"... head rank, head rank d_model -> ... d_model"`,
+# which never forms the per-head `[batch, pos, head, d_model]` outputs.)
 #
 # `lora_hook_qkv` serves three hook points: dispatch on the hook's name (`hook.name` ends with
-# `hook_q`, `hook_k` or `hook_v`), and raise `ValueError` for any other name. Hooks that store
-# return nothing (the activation is unchanged); hooks that add return the new activation.
+# `hook_q`, `hook_k` or `hook_v`), and raise `ValueError` for any other name.
 #
-# **Making the hooks cheap** (read this after a first version works). `qkv + adaptors[kind](x)`
-# and the two einsums above are correct, and the checks accept them. But the adaptors run inside
-# every forward pass of the policy, and on a CPU what a layer's hooks cost is not their arithmetic
-# (2–3% of the layer's) but the number of operations, and the Python around each. Four changes,
-# given below as helpers, cut the time spent inside the hooks by about half on the embedded model
-# (docs/benchmarks.md):
-#
-# * **One product for q, k and v.** The three adaptors read the same x, so `shared_x_a` puts their
-#   A's side by side, `[d_model, (9 + 3 + 3)·rank]`, and takes `x @ A` once per layer for all
-#   three hooks (the first of them computes it, the other two reuse it).
-# * **Per-head products as one plain product.** A batched product over the heads that writes into
-#   each head's slice of q runs as one small product per head. Put the heads' B's on the diagonal
-#   of one `[head·rank, head·d_head]` matrix instead (`Lora.block_diagonal_B`, zeros elsewhere):
-#   `x_a @ it` is every head's `x_a B` side by side, in one product. It multiplies the zeros too
-#   (9× the arithmetic of the batched product, ~0.6% of the layer's), and is cheaper all the same.
-#   W_O's adaptor does the same with A_o (`block_diagonal_A`).
-# * **Add inside the matmul.** `add_low_rank_(act, x_a, lora)` computes `act + (α/r)·x_a B` as
-#   one `addmm_`: the product is accumulated straight into the activation the hook received, with
-#   no temporary and no separate addition. Writing into a hook's activation is safe here: it is
-#   the fresh output of a linear map, which autograd does not keep (a hook that kept the same
-#   tensor before ours, e.g. a cache's, sees the sum too). `add_matmul_` does the same for W_O's
-#   `[N, head·rank] @ [head·rank, d_model]`.
-# * **Nothing rebuilt that has not changed.** Outside autograd (sampling, the reference pass) the
-#   side-by-side and block-diagonal matrices are kept between forward passes until a parameter
-#   changes (`kept_outside_autograd`). Under autograd they are built anew each pass (the graph
-#   must reach the parameters), and q, k and v use a batched product instead: the block-diagonal
-#   B's zeros would cost their share again in the backward pass.
-
-
-def add_low_rank_(
-    act: Float[Tensor, "... inst d_out"], x_a: Float[Tensor, "n inst_rank"], lora: Lora
-) -> Float[Tensor, "... inst d_out"]:
-    """`act + (α/r)·(x_a B)` for every instance of `lora`, accumulated into `act` (returned).
-
-    `x_a` is `x @ A` for the n = batch·pos rows of `act`, every instance's `rank` columns side by
-    side. Outside autograd: one plain matrix product with `lora.block_diagonal_B()`, accumulated
-    into `act` by the product itself (`addmm_`). Under autograd: one batched product with the
-    instances as its batch (`baddbmm_`; the block-diagonal B's zeros would cost their share again
-    in the backward pass, and the matrix would be rebuilt every forward). A new tensor instead when
-    `act` cannot be written (another dtype than the adaptor's, not contiguous, an inference tensor
-    outside inference mode, a leaf that needs grad)."""
-    rows = x_a.shape[0]
-    writable = _writable(act, lora.B.dtype)
-    if writable and not torch.is_grad_enabled():
-        act.view(rows, -1).addmm_(x_a, lora.block_diagonal_B(), alpha=lora.scaling)
-        return act
-    # [inst, n, rank] @ [inst, rank, d_out]: the instances as the batch
-    x_a = x_a.view(rows, lora.n_inst, lora.rank).transpose(0, 1)
-    if writable:
-        act.view(rows, lora.n_inst, lora.d_out).transpose(0, 1).baddbmm_(
-            x_a, lora.B, alpha=lora.scaling
-        )
-        return act
-    delta = torch.bmm(x_a, lora.B).transpose(0, 1).reshape(act.shape)
-    return act + (delta * lora.scaling).to(act.dtype)
-
-
-def add_matmul_(
-    act: Float[Tensor, "... d_out"],
-    a: Float[Tensor, "n k"],
-    b: Float[Tensor, "k d_out"],
-    scale: float,
-) -> Float[Tensor, "... d_out"]:
-    """`act + scale·(a @ b)`, `act`'s leading axes flattened to the n rows of `a`; accumulated into
-    `act` (one `addmm_`) when it can be written, as in `add_low_rank_`."""
-    if _writable(act, b.dtype):
-        act.view(-1, b.shape[-1]).addmm_(a, b, alpha=scale)
-        return act
-    return act + (torch.mm(a, b) * scale).reshape(act.shape).to(act.dtype)
-
-
-def _writable(act: Tensor, dtype: torch.dtype) -> bool:
-    if act.dtype != dtype or not act.is_contiguous() or (act.is_leaf and act.requires_grad):
-        return False
-    return not act.is_inference() or torch.is_inference_mode_enabled()
-
-
-def kept_outside_autograd(
-    kept: dict, name: str, params: tuple[Tensor, ...], build: Callable[..., Tensor]
-) -> Tensor:
-    """`build(*params)`, kept in `kept[name]` between calls outside autograd until one of `params`
-    is replaced or changed in place; under autograd built anew each call (its graph must reach
-    the parameters). A change is seen through each tensor's identity, storage and version
-    counter, so one made through `.data` (which has a counter of its own) is not."""
-    if torch.is_grad_enabled():
-        return build(*params)
-    key = [torch.is_inference_mode_enabled()]
-    try:
-        for p in params:  # (a loop, not a comprehension: this runs in every hook call)
-            key += (id(p), p.data_ptr(), p._version)
-    except RuntimeError:  # inference tensors keep no version counter
-        return build(*params)
-    entry = kept.get(name)
-    if entry is not None and entry[1] == key:  # entry[0] keeps the params alive: ids stay theirs
-        return entry[2]
-    value = build(*params)
-    kept[name] = (params, key, value)
-    return value
-
-
-def _block_diag(param: Float[Tensor, "inst d_in d_out"]) -> Float[Tensor, "inst_d_in inst_d_out"]:
-    return torch.block_diag(*param)
-
-
-def _side_by_side(*As: Float[Tensor, "inst d_in rank"]) -> Float[Tensor, "d_in inst_rank"]:
-    return torch.cat([A.permute(1, 0, 2) for A in As], dim=1).flatten(1)
-
-
-_PLAIN_ATTRIBUTES = frozenset({"attn_normalized", "z", "_x_a"})
+# How the library makes these six hooks cheap (fewer, larger products) is the optional bonus
+# exercise *Making LoRA fast*; here, write them plainly.
 
 
 # %%
@@ -324,26 +175,16 @@ class LoraHooks(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        # >>> exercise: LoraHooks.__init__ — four Loras (K/V: one per key/value head), the two stores
         self.layer_idx = layer_idx
-        # >>> exercise: LoraHooks.__init__ — four Loras (K/V: one per key/value head)
         n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
         self.lora_q = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, cfg.n_heads, dtype)
         self.lora_k = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, n_kv_heads, dtype)
         self.lora_v = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, n_kv_heads, dtype)
         self.lora_o = Lora(cfg.d_head, cfg.d_model, rank, lora_alpha, cfg.n_heads, dtype)
-        # <<< exercise
         self.attn_normalized: Float[Tensor, "batch pos d_model"] | None = None
         self.z: Float[Tensor, "batch pos n_heads d_head"] | None = None
-        self._x_a: tuple = ()  # (x, grad mode, {kind: x @ A}) of the last shared_x_a
-        self._kept: dict = {}  # what kept_outside_autograd keeps: [A_q A_k A_v]
-
-    def __setattr__(self, name: str, value) -> None:
-        # What the hooks store runs 4-5 times per layer and forward pass: a plain attribute,
-        # without nn.Module's checks for parameters, buffers and modules (a third of a store's time).
-        if name in _PLAIN_ATTRIBUTES:
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
+        # <<< exercise
 
     def store_hook_attn_normalized(
         self, normalized: Float[Tensor, "batch pos d_model"], hook: HookPoint
@@ -362,47 +203,20 @@ class LoraHooks(nn.Module):
     ) -> Float[Tensor, "batch pos head d_head"]:
         # >>> exercise: LoraHooks.lora_hook_qkv — add lora_q/k/v of the stored input, by hook name
         adaptors = {"hook_q": self.lora_q, "hook_k": self.lora_k, "hook_v": self.lora_v}
-        kind = hook.name.rsplit(".", 1)[-1]
+        kind = hook.name.split(".")[-1]
         if kind not in adaptors:
-            raise ValueError(f"lora_hook_qkv is for hook_q/hook_k/hook_v, not {hook.name!r}")
-        x_a = self.shared_x_a()[kind]  # x @ A of this adaptor: [batch·pos, inst·rank]
-        return add_low_rank_(qkv, x_a, adaptors[kind])
+            raise ValueError(f"lora_hook_qkv serves hook_q, hook_k and hook_v, not {hook.name!r}")
+        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")
+        return qkv + adaptors[kind](x)
         # <<< exercise
 
     def lora_hook_out(
         self, attn_out: Float[Tensor, "batch pos d_model"], hook: HookPoint
     ) -> Float[Tensor, "batch pos d_model"]:
-        # >>> exercise: LoraHooks.lora_hook_out — add lora_o(z) summed over heads, inside the contraction
-        lora_o = self.lora_o
-        z = self.z.to(lora_o.A.dtype)
-        # z_h A_o[h] for every head at once: z's heads side by side, [batch·pos, head·d_head],
-        # times A_o's heads on a block diagonal gives [batch·pos, head·rank], heads side by side.
-        z_a = z.reshape(-1, lora_o.n_inst * lora_o.d_in) @ lora_o.block_diagonal_A()
-        # Σ_heads inside the contraction: [batch·pos, head·rank] @ [head·rank, d_model],
-        # added into attn_out.
-        return add_matmul_(attn_out, z_a, lora_o.B.reshape(-1, lora_o.d_out), lora_o.scaling)
+        # >>> exercise: LoraHooks.lora_hook_out — add lora_o(z) summed over heads
+        per_head = self.lora_o(self.z)  # [batch, pos, head, d_model]
+        return attn_out + per_head.sum(dim=-2)
         # <<< exercise
-
-    def shared_x_a(self) -> dict[str, Float[Tensor, "n inst_rank"]]:
-        """`x @ A` of lora_q, lora_k and lora_v for the stored input x, by hook kind, each
-        `[batch·pos, inst·rank]` (every instance's rank columns side by side; α/r not yet applied):
-        one matrix product `x @ [A_q A_k A_v]` for all three, taken by the first of the three
-        hooks and reused by the other two (the same stored x, the same grad mode). Outside
-        autograd `[A_q A_k A_v]` is kept between forward passes until an A changes."""
-        x = self.attn_normalized
-        grad = torch.is_grad_enabled()
-        kept = self._x_a
-        if kept and kept[0] is x and kept[1] is grad:
-            return kept[2]
-        loras = (self.lora_q, self.lora_k, self.lora_v)
-        As = tuple([lora._parameters["A"] for lora in loras])
-        A = kept_outside_autograd(self._kept, "A_qkv", As, _side_by_side)
-        rows = x.reshape(-1, x.shape[-1])
-        x_a = (rows if rows.dtype == A.dtype else rows.to(A.dtype)) @ A
-        widths = [lora.n_inst * lora.rank for lora in loras]
-        parts = dict(zip(("hook_q", "hook_k", "hook_v"), x_a.split_with_sizes(widths, 1)))
-        self._x_a = (x, grad, parts)
-        return parts
 
     def list_fwd_hooks(self) -> list[FwdHook]:
         """The six `(hook_name, fn)` pairs of this layer, in the order the forward pass meets them."""
@@ -432,14 +246,16 @@ if __name__ == "__main__":
 # * `from_pretrained(name, lora_alpha, rank, ...)` loads the model, **freezes every base
 #   parameter**, then calls `setup_lora`.
 # * `setup_lora(lora_alpha, rank)` builds `self.lora` (an `nn.ModuleList` of one `LoraHooks` per
-#   layer, on the model's device) and `self.lora_fwd_hooks` (all their hooks).
+#   layer, with the model's dtype, on the model's device) and `self.lora_fwd_hooks` (all their
+#   hooks).
 # * `fwd_hooks` (a property, read at call time) is the LoRA hooks followed by the value-head hook,
 #   so the inherited `forward_with_value_head` runs the policy with its adaptors.
 # * `generate(...)` runs the base class's generate with the LoRA hooks, so samples come from the
 #   adapted policy. Use `with self.hooks(fwd_hooks=...)`: hooks never outlive the call, even when
 #   it raises.
-# * `base_model_params()`, `lora_params()`, and `get_base_model_trainable_params()`, which returns
-#   the LoRA parameters, so Section 1's optimizer trains only LoRA + value head.
+# * `base_model_params()` (every parameter but the adaptors and the value head), `lora_params()`,
+#   and `get_base_model_trainable_params()`, which returns the LoRA parameters, so Section 1's
+#   optimizer trains only LoRA + value head.
 #
 # **Why no second model?** Plain `forward` runs without any hook: it *is* the frozen base model,
 # π_ref. The KL penalty compares the hooked forward (π) with the plain forward (π_ref) of one model.
@@ -464,9 +280,7 @@ class TransformerWithValueHeadLora(HookedTransformerWithValueHead):
         **kwargs,
     ) -> TransformerWithValueHeadLora:
         """Load `name`, freeze its weights and add rank-`rank` adaptors to every attention layer."""
-        _check_positive_int(rank=rank)
-        if not lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+        check_lora_settings(lora_alpha, rank=rank)
         # >>> exercise: TransformerWithValueHeadLora.from_pretrained — load, freeze, set up LoRA
         model = super().from_pretrained(
             name, use_value_head=use_value_head, device=device, dtype=dtype, **kwargs
@@ -525,8 +339,9 @@ if __name__ == "__main__":
 # ## Exercise 4 — train with LoRA, using the same model as the reference policy
 #
 # `RLHFArgsLora` adds the adaptor's rank, α and dtype. `RLHFTrainerLora` builds a
-# `TransformerWithValueHeadLora` and returns **the same object** as the reference model: the
-# trainer computes reference logits with the model's plain `forward`, which has no adaptors.
+# `TransformerWithValueHeadLora` (its `model_class`) and returns **the same object** as the
+# reference model: the trainer computes reference logits with the model's plain `forward`, which
+# has no adaptors.
 
 
 # %%
@@ -538,10 +353,7 @@ class RLHFArgsLora(RLHFArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        check_lora_settings(self.lora_alpha, lora_rank=self.lora_rank)
 
 
 class RLHFTrainerLora(RLHFTrainer):
@@ -550,14 +362,13 @@ class RLHFTrainerLora(RLHFTrainer):
     model_class: type[TransformerWithValueHeadLora] = TransformerWithValueHeadLora
 
     def build_model(self) -> TransformerWithValueHeadLora:
-        args = self.args
         # >>> exercise: RLHFTrainerLora.build_model — the LoRA policy with its value head
         return self.model_class.from_pretrained(
-            args.base_model,
-            lora_alpha=args.lora_alpha,
-            rank=args.lora_rank,
+            self.args.base_model,
+            lora_alpha=self.args.lora_alpha,
+            rank=self.args.lora_rank,
             device=self.device,
-            dtype=args.dtype,
+            dtype=self.args.dtype,
         )
         # <<< exercise
 
