@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import jupytext
 import pytest
@@ -90,3 +91,80 @@ def test_stub_module_imports_and_names_the_classes():
     stubs = load_impl(ROOT / "exercises")
     with pytest.raises(NotImplementedError, match="Exercise Lora.__init__"):
         stubs.Lora()
+
+
+# --------------------------------------------------------------------------------------------
+# `lora-rlhf exercises DIR`: the files for a student who has only the installed package
+
+
+def repo_exercise_files() -> dict[str, str]:
+    names = [
+        name
+        for src in sources()
+        if src.path.exists()
+        for name in (src.target_name, src.target_name.replace(".py", ".ipynb"))
+    ]
+    return {name: (ROOT / "exercises" / name).read_text() for name in names}
+
+
+def test_exercises_command_writes_the_scripts_and_notebooks(tmp_path, capsys):
+    from lora_rlhf.cli import main
+
+    out = tmp_path / "my" / "exercises"
+    assert main(["exercises", str(out)]) == 0
+    wanted = repo_exercise_files()
+    assert {p.name for p in out.iterdir()} == set(wanted)
+    assert {"section2_lora.py", "section2_lora.ipynb"} <= set(wanted)
+    for name, text in wanted.items():
+        assert (out / name).read_text() == text, f"{name} differs from exercises/{name}"
+    assert "section2_lora.ipynb" in capsys.readouterr().out
+
+
+def test_exercises_command_refuses_to_overwrite_and_writes_nothing(tmp_path, capsys):
+    from lora_rlhf.cli import main
+
+    (tmp_path / "section2_lora.py").write_text("# my work\n")
+    assert main(["exercises", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "section2_lora.py already exists" in err and "nothing written" in err
+    assert len(err.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["section2_lora.py"]
+    assert (tmp_path / "section2_lora.py").read_text() == "# my work\n"
+
+
+def test_exercises_command_refuses_a_file_as_folder(tmp_path, capsys):
+    from lora_rlhf.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["exercises", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_exercises_command_works_from_the_package_alone(tmp_path):
+    """As from a wheel: the package folder by itself, no checkout (no exercises/ next to it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import lora_rlhf
+
+    site = tmp_path / "site"
+    shutil.copytree(
+        Path(lora_rlhf.__file__).parent,
+        site / "lora_rlhf",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    out = tmp_path / "out"
+    code = (
+        "import sys, lora_rlhf; from lora_rlhf.cli import main; "
+        f"assert lora_rlhf.__file__.startswith({str(site)!r}), lora_rlhf.__file__; "
+        f"sys.exit(main(['exercises', {str(out)!r}]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name, text in repo_exercise_files().items():
+        assert (out / name).read_text() == text

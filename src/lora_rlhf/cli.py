@@ -1,4 +1,4 @@
-"""`lora-rlhf`: train, grade, and keep the generated exercise files in sync."""
+"""`lora-rlhf`: train, grade, hand out the exercise files and keep them in sync."""
 
 from __future__ import annotations
 
@@ -34,6 +34,45 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exercises(args: argparse.Namespace) -> int:
+    """Write the exercise files (scripts and notebooks) into a folder, never over a file.
+
+    They are rendered from the sources inside the installed package, the same way `sync` writes
+    `exercises/` in a checkout: a wheel needs no second copy of them, and what a student gets
+    always matches the checks of the installed version."""
+    from lora_rlhf.authoring import generated, sources
+
+    out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        print(f"lora-rlhf exercises: {out} is a file; give a folder", file=sys.stderr)
+        return 2
+    files = {
+        name: text
+        for src in sources()
+        if src.path.exists()
+        for name, text in generated(src, "exercises").items()
+    }
+    existing = [name for name in files if (out / name).exists()]
+    if existing:
+        print(
+            f"lora-rlhf exercises: {out / existing[0]} already exists"
+            + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else "")
+            + "; nothing written: give a new or empty folder, or move those files away",
+            file=sys.stderr,
+        )
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        with open(out / name, "x") as f:  # "x": never over a file, even one made meanwhile
+            f.write(text)
+    print(f"Wrote {len(files)} files to {out}: {', '.join(sorted(files))}")
+    print(
+        f"Open {out / 'section2_lora.ipynb'} (or the .py), fill in a stub, run its check; "
+        f"grade yourself with `lora-rlhf grade {out}`."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", help="the source checkout (default: the one this package is installed from)"
     )
     p.set_defaults(func=_sync)
+
+    p = sub.add_parser(
+        "exercises",
+        help="copy the exercise files (scripts and notebooks) into DIR; never overwrites",
+    )
+    p.add_argument("dir", metavar="DIR", help="the folder to write them to (created if missing)")
+    p.set_defaults(func=_exercises)
 
     for module_name in ("lora_rlhf.train_cli", "lora_rlhf.grading.cli"):
         try:
