@@ -340,6 +340,12 @@ class GRPOTrainerLora(RLHFTrainerLora):
             "entropy": calc_entropy_bonus(logits, 1.0, gen_len).item(),
         }
 
+    @torch.no_grad()
+    def kl_to_reference(self, sample_ids: Int[Tensor, "batch seq"]) -> float:
+        """KL(π ‖ π_ref) per generated token on these samples, as the rollout's `kl` metric."""
+        logits, ref_logits = self.policy_logits(sample_ids), self.ref_model(sample_ids)
+        return calc_kl_penalty(logits, ref_logits, 1.0, self.args.gen_len).item()
+
     def learning_phase(self, memory: GroupMemory) -> None:
         """One optimizer step per minibatch, then one scheduler step, as Section 1's (which also
         explains `lean_heap` and `release_freed_memory`: they only keep the process's memory low)."""

@@ -1,0 +1,61 @@
+"""GRPO as `lora-rlhf train --algo grpo` runs it: the bonus lesson's :class:`GRPOTrainerLora`,
+fed the command's arguments.
+
+The command builds Section 2's :class:`~lora_rlhf.lora.RLHFArgsLora` for every algorithm;
+:func:`grpo_args` turns them into :class:`~lora_rlhf.grpo.GRPOArgsLora` (adding the group size and
+the kind of advantage), and :class:`GRPOTrainer` accepts either. It also follows the command's
+KL coefficient controller (``--kl-target``) when the trainer has one: GRPO's β is the
+coefficient of the k3 term, set from the controller before each learning phase and steered by the
+rollout's full-vocabulary KL after it, as PPO's is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lora_rlhf.args import ArgsError
+from lora_rlhf.grpo import GroupMemory, GRPOArgsLora, GRPOTrainerLora
+from lora_rlhf.lora import RLHFArgsLora
+
+DEFAULT_GROUP_SIZE = GRPOArgsLora.group_size
+DEFAULT_ADVANTAGE = GRPOArgsLora.advantage
+
+
+def grpo_args(
+    args: RLHFArgsLora,
+    group_size: int | None = None,
+    advantage: str | None = None,
+) -> GRPOArgsLora:
+    """`args` as GRPOArgsLora (the same fields; `group_size` and `advantage` added, or kept when
+    `args` already has them). Raises ArgsError naming the field when the batch cannot be split
+    into groups."""
+    if isinstance(args, GRPOArgsLora) and group_size is None and advantage is None:
+        return args
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    fields["group_size"] = group_size or getattr(args, "group_size", DEFAULT_GROUP_SIZE)
+    fields["advantage"] = advantage or getattr(args, "advantage", DEFAULT_ADVANTAGE)
+    try:
+        return GRPOArgsLora(**fields)
+    except ArgsError:
+        raise
+    except ValueError as err:  # RLHFArgsLora's own checks raise plain ValueErrors
+        raise ArgsError(str(err)) from None
+
+
+class GRPOTrainer(GRPOTrainerLora):
+    """:class:`GRPOTrainerLora` taking the command's RLHFArgsLora, with its KL controller."""
+
+    def __init__(self, args: RLHFArgsLora, **kwargs: Any) -> None:
+        super().__init__(grpo_args(args), **kwargs)
+
+    def learning_phase(self, memory: GroupMemory) -> None:
+        controller = getattr(self, "kl_controller", None)
+        if controller is None:
+            super().learning_phase(memory)
+            return
+        # The lesson's objective reads β from args: this phase's coefficient goes there.
+        self.args.kl_coef = controller.value
+        super().learning_phase(memory)
+        self._phase_stats["kl_coef"] = controller.value
+        controller.update(self._phase_stats["kl"], n_samples=self.args.batch_size)
