@@ -65,7 +65,7 @@ def test_a_correct_variant_passes_every_check(variant, impls):
 
 
 def _merged_loss(name: str, layers: list[dict]) -> float:
-    model = load_model(name, device="cpu").to(torch.float64)
+    model = load_model(name, device="cpu").to(torch.float64, print_details=False)
     merge_into(model, layers, ALPHA / RANK)
     head = {k: v.double() for k, v in backward_checks.value_head_weights(model.cfg.d_model).items()}
     tokens = backward_checks._tokens(model.cfg.d_vocab)

@@ -133,7 +133,9 @@ def _probe_model(impl, name: str) -> dict:
 @functools.lru_cache(maxsize=4)
 def reference_grads(name: str) -> dict[str, Tensor]:
     """∂L/∂A and ∂L/∂B of every adaptor, from the merged model (no hooks), in float64."""
-    model = load_model(name, device="cpu").to(torch.float64).requires_grad_(False)
+    model = (
+        load_model(name, device="cpu").to(torch.float64, print_details=False).requires_grad_(False)
+    )
     layers = adaptor_values(model.cfg, SEED, scale=SCALE)
     scaling = ALPHA / RANK
     merge_into(model, layers, scaling)

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lora_rlhf.grading import timing
+
 DESCRIPTION = """Grade a submission of the Section 2 exercises: a .py file defining Lora, LoraHooks,
 TransformerWithValueHeadLora (and RLHFTrainerLora), or a folder holding section2_lora.py. Its code
 runs only in child processes with time and memory limits; the verdicts are reached here. Prints a
@@ -53,19 +55,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="PATH",
         help="JUnit XML report (default: ./junit.xml)",
     )
+    _limit_options(p)
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="CHECK",
+        help="grade only this check (repeatable; for instructors: the score is then out "
+        "of these checks' points)",
+    )
+    _visibility_options(p)
+    p.add_argument("--quiet", action="store_true", help="print only the total")
+    p.set_defaults(func=run)
+    add_class_parser(subparsers)
+    add_bundle_parser(subparsers)
+    return p
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--check-timeout",
         type=_positive(float),
-        default=60.0,
+        default=None,
         metavar="S",
-        help="seconds each check (and importing the submission) may take (default: 60)",
+        help="seconds each check (and importing the submission) may take (default: per check, "
+        f"{timing.FACTOR:g}x the reference's measured time, at least {timing.FLOOR:g} s)",
     )
     p.add_argument(
         "--total-timeout",
         type=_positive(float),
-        default=600.0,
+        default=timing.TOTAL_LIMIT,
         metavar="S",
-        help="seconds all the checks together may take (default: 600)",
+        help=f"seconds all the checks together may take (default: {timing.TOTAL_LIMIT:g})",
     )
     p.add_argument(
         "--memory-mb",
@@ -75,16 +95,138 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="memory the submission may allocate, in MB, on top of the ~2 GB that torch "
         "and transformer_lens map when imported (default: 4096)",
     )
+
+
+def _visibility_options(p: argparse.ArgumentParser, leaderboard: bool = True) -> None:
+    from lora_rlhf.grading.reports import VISIBILITIES
+
     p.add_argument(
-        "--only",
-        action="append",
-        metavar="CHECK",
-        help="grade only this check (repeatable; for instructors: the score is then out "
-        "of these checks' points)",
+        "--visibility",
+        choices=VISIBILITIES,
+        default="visible",
+        help="Gradescope visibility of each check in results.json, e.g. after_due_date: students "
+        "see their total at once and the checks after the due date (default: visible)",
     )
-    p.add_argument("--quiet", action="store_true", help="print only the total")
-    p.set_defaults(func=run)
+    if leaderboard:
+        p.add_argument(
+            "--leaderboard",
+            action="store_true",
+            help="add a Gradescope leaderboard entry (total and points per exercise)",
+        )
+
+
+def _limits(args: argparse.Namespace):
+    from lora_rlhf.grading.grader import Limits
+
+    return Limits(
+        check_timeout=args.check_timeout, total_timeout=args.total_timeout, memory_mb=args.memory_mb
+    )
+
+
+def add_class_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "grade-class",
+        help="grade a whole class (CSV gradebook, each student's results.json and JUnit)",
+        description="Grade every file or sub-folder of DIR as one student's submission, in "
+        "parallel (up to the number of cores). Writes OUT/gradebook.csv and, per student, "
+        "OUT/<student>/results.json, junit.xml and grade.json. Students whose submission has not "
+        "changed since they were graded are skipped, unless --regrade.",
+    )
+    p.add_argument("dir", type=Path, help="a folder with one .py file or sub-folder per student")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the gradebook and reports go (default: DIR-grades, next to DIR)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="students graded at once (default: the number of cores)",
+    )
+    p.add_argument("--regrade", action="store_true", help="grade every student again")
+    _limit_options(p)
+    _visibility_options(p, leaderboard=False)
+    p.set_defaults(func=run_class)
     return p
+
+
+def run_class(args: argparse.Namespace) -> int:
+    import time
+
+    from lora_rlhf.grading.classroom import GRADEBOOK, grade_class
+    from lora_rlhf.impl import ImplementationError
+
+    out = args.out or args.dir.resolve().parent / f"{args.dir.resolve().name}-grades"
+    start = time.monotonic()
+
+    def show(g) -> None:
+        when = "already graded" if g.skipped else f"graded in {g.seconds:.1f} s"
+        print(f"{g.student:<32}{g.score:>6g} / {g.max_score:g}   ({when})", flush=True)
+
+    try:
+        graded = grade_class(
+            args.dir,
+            out,
+            _limits(args),
+            jobs=args.jobs,
+            regrade=args.regrade,
+            visibility=args.visibility,
+            progress=show,
+        )
+    except ImplementationError as exc:
+        print(f"lora-rlhf grade-class: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{len(graded)} students ({sum(not g.skipped for g in graded)} graded now) in "
+        f"{time.monotonic() - start:.1f} s: {out / GRADEBOOK}"
+    )
+    return 0
+
+
+def add_bundle_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "gradescope-bundle",
+        help="write Gradescope's autograder zip (setup.sh, run_autograder)",
+        description="Write the autograder zip to upload to a Gradescope programming assignment: "
+        "setup.sh installs this package, run_autograder grades /autograder/submission into "
+        "/autograder/results/results.json.",
+    )
+    p.add_argument("out", type=Path, help="the zip to write, e.g. autograder.zip")
+    _visibility_options(p)
+    p.add_argument(
+        "--total-timeout",
+        type=_positive(float),
+        default=None,
+        metavar="S",
+        help=f"seconds all the checks together may take (default: {timing.TOTAL_LIMIT:g})",
+    )
+    p.add_argument(
+        "--memory-mb", type=_positive(int), default=None, metavar="N", help="as for grade"
+    )
+    p.set_defaults(func=run_bundle)
+    return p
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    from lora_rlhf.grading.gradescope import write_bundle
+
+    try:
+        path = write_bundle(
+            args.out,
+            visibility=args.visibility,
+            leaderboard=args.leaderboard,
+            total_timeout=args.total_timeout,
+            memory_mb=args.memory_mb,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"lora-rlhf gradescope-bundle: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: upload it as the autograder of a Gradescope programming assignment")
+    return 0
 
 
 def _fallback_report(submission: str, message: str, only):
@@ -99,13 +241,11 @@ def _fallback_report(submission: str, message: str, only):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_rlhf.grading.grader import Limits, grade
+    from lora_rlhf.grading.grader import grade
     from lora_rlhf.grading.reports import scorecard, write_reports
     from lora_rlhf.impl import ImplementationError
 
-    limits = Limits(
-        check_timeout=args.check_timeout, total_timeout=args.total_timeout, memory_mb=args.memory_mb
-    )
+    limits = _limits(args)
     status = 0
     try:
         report = grade(args.path, limits, checks=args.only)
@@ -119,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         )
         status = 1
     try:
-        write_reports(report, args.results, args.junit)
+        write_reports(report, args.results, args.junit, args.visibility, args.leaderboard)
     except OSError as exc:
         print(f"lora-rlhf grade: cannot write the reports: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lora_rlhf.grading import sandbox, static
 from lora_rlhf.grading.sandbox import Limits, Outcome
-from lora_rlhf.impl import resolve_path
+from lora_rlhf.grading.submissions import submission_file
 
 __all__ = ["GradeReport", "Limits", "grade"]
 
@@ -84,6 +84,21 @@ def _verdict(check, outcome: Outcome, limits: Limits):
     return result
 
 
+def _not_written(planned: list, results: dict) -> list[str]:
+    """A note for each exercise whose class the submission does not define (its checks score 0)."""
+    from lora_rlhf.checks import EXERCISES
+
+    notes = []
+    for number, exercise in enumerate(EXERCISES, 1):
+        own = [results[c.name] for c in planned if c.exercise == exercise]
+        if own and all(f"does not define {exercise}" in r.message for r in own):
+            notes.append(
+                f"Exercise {number} ({exercise}) is not written: the submission does not define "
+                f"{exercise}, so its checks score 0."
+            )
+    return notes
+
+
 def grade(
     submission: str | Path, limits: Limits | None = None, checks: Iterable[str] | None = None
 ) -> GradeReport:
@@ -94,7 +109,7 @@ def grade(
     """
     limits = limits or Limits()
     start = time.monotonic()
-    path = resolve_path(submission).resolve()
+    path = submission_file(submission).resolve()
     problem = static.syntax_error(path)
     if problem is None:
         sandbox.start_server()  # imports torch in the background while this process does too
@@ -147,6 +162,7 @@ def grade(
         for c in to_run:  # never leave a check without a verdict
             results.setdefault(c.name, _failed(c, "not graded"))
 
+    notes += _not_written(planned, results)
     return GradeReport(
         submission=str(path),
         results=[results[c.name] for c in planned],

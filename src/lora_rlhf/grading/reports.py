@@ -66,8 +66,16 @@ def scorecard(report: GradeReport, quiet: bool = False) -> str:
     return "\n".join(lines)
 
 
-def gradescope(report: GradeReport) -> dict:
-    """Gradescope's autograder results format (https://gradescope-autograders.readthedocs.io)."""
+VISIBILITIES = ("visible", "hidden", "after_due_date", "after_published")
+
+
+def gradescope(report: GradeReport, visibility: str = "visible", leaderboard: bool = False) -> dict:
+    """Gradescope's autograder results format (https://gradescope-autograders.readthedocs.io).
+
+    `visibility` applies to every check (e.g. ``after_due_date``: students see their total but not
+    the checks until the due date); `leaderboard` adds the total and each exercise's points."""
+    if visibility not in VISIBILITIES:
+        raise ValueError(f"visibility must be one of {', '.join(VISIBILITIES)}, got {visibility!r}")
     tests = []
     numbers: dict[str, int] = {}
     exercise_index = {ex: i + 1 for i, ex in enumerate(report.by_exercise())}
@@ -82,7 +90,7 @@ def gradescope(report: GradeReport) -> dict:
                 "status": "passed" if r.passed else "failed",
                 "output": _description(r.name) + ("" if r.passed else f"\n\n{r.message}"),
                 "tags": [r.exercise],
-                "visibility": "visible",
+                "visibility": visibility,
             }
         )
     lines = [f"Score: {_points(report.score)} / {_points(report.max_score)}"]
@@ -91,7 +99,7 @@ def gradescope(report: GradeReport) -> dict:
             f"{exercise}: {_points(sum(r.points for r in results))} / "
             f"{_points(sum(r.max_points for r in results))}"
         )
-    return {
+    results = {
         "score": report.score,
         "execution_time": round(report.execution_time, 3),
         "output": "\n".join([*report.notes, *lines]),
@@ -99,6 +107,12 @@ def gradescope(report: GradeReport) -> dict:
         "stdout_visibility": "visible",
         "tests": tests,
     }
+    if leaderboard:
+        results["leaderboard"] = [{"name": "Total", "value": report.score}] + [
+            {"name": exercise, "value": round(sum(r.points for r in rs), 6)}
+            for exercise, rs in report.by_exercise().items()
+        ]
+    return results
 
 
 def junit(report: GradeReport) -> ET.ElementTree:
@@ -148,10 +162,17 @@ def junit(report: GradeReport) -> ET.ElementTree:
     return ET.ElementTree(root)
 
 
-def write_reports(report: GradeReport, results_path: Path | None, junit_path: Path | None) -> None:
+def write_reports(
+    report: GradeReport,
+    results_path: Path | None,
+    junit_path: Path | None,
+    visibility: str = "visible",
+    leaderboard: bool = False,
+) -> None:
     if results_path is not None:
+        results = gradescope(report, visibility, leaderboard)
         results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(gradescope(report), indent=2, ensure_ascii=False) + "\n")
+        results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if junit_path is not None:
         junit_path.parent.mkdir(parents=True, exist_ok=True)
         junit(report).write(junit_path, encoding="utf-8", xml_declaration=True)

@@ -27,6 +27,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from lora_rlhf.grading import timing
+
 PRELOAD = [
     "numpy",
     "torch",
@@ -52,9 +54,20 @@ _START_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class Limits:
-    check_timeout: float = 60.0  # seconds per check (and for importing the submission)
-    total_timeout: float = 600.0  # seconds for all the probes together
+    """Time and memory limits. ``check_timeout=None`` (the default) gives each check its own
+    limit, from the reference's measured time (:mod:`.timing`); a number applies to every check
+    and to importing the submission."""
+
+    check_timeout: float | None = None  # seconds per check; None: per-check defaults
+    total_timeout: float = timing.TOTAL_LIMIT  # seconds for all the probes together
     memory_mb: int = 4096  # address space a worker may add to the pre-imported libraries
+
+    def for_check(self, name: str) -> float:
+        return self.check_timeout or timing.check_limit(name)
+
+    @property
+    def for_import(self) -> float:
+        return self.check_timeout or timing.IMPORT_LIMIT
 
 
 @dataclass
@@ -252,9 +265,7 @@ def _drive(
 
     # 1. the submission's import
     try:
-        got = worker.receive(
-            min(worker.started + limits.check_timeout, deadline) - time.monotonic()
-        )
+        got = worker.receive(min(worker.started + limits.for_import, deadline) - time.monotonic())
     except WorkerGone:
         message = worker.exit_reason("while being imported")
         tail = worker.output_tail()
@@ -264,9 +275,7 @@ def _drive(
     if got is None:
         if time.monotonic() >= deadline:
             return fail_all(checks, _over_total(limits))
-        return fail_all(
-            checks, f"importing the submission timed out after {limits.check_timeout:g} s"
-        )
+        return fail_all(checks, f"importing the submission timed out after {limits.for_import:g} s")
     header, _ = got
     if header.get("kind") == "import_failed":
         return fail_all(checks, str(header.get("message")))
@@ -278,7 +287,8 @@ def _drive(
     while index < len(checks):
         name = checks[index]
         try:
-            got = worker.receive(min(started + limits.check_timeout, deadline) - time.monotonic())
+            limit = limits.for_check(name)
+            got = worker.receive(min(started + limit, deadline) - time.monotonic())
         except WorkerGone:
             emit(Outcome(name, failure=worker.exit_reason(f"during {name}")))
             return checks[index + 1 :]
@@ -289,7 +299,7 @@ def _drive(
         if got is None:
             if now >= deadline:
                 return fail_all(checks[index:], _over_total(limits))
-            emit(Outcome(name, failure=f"timed out after {limits.check_timeout:g} s"))
+            emit(Outcome(name, failure=f"timed out after {limit:g} s"))
             return checks[index + 1 :]
         header, payload = got
         kind = header.get("kind")
