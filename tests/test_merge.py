@@ -144,3 +144,36 @@ def test_merged_smollm2_equals_hooked_in_float64():
     assert hooked.dtype == got.dtype == torch.float64
     assert (hooked - base).abs().max() > 0.1, "the adaptors should change the logits"
     assert (got - hooked).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_library_merge_equals_the_checks_reference_merge(name):
+    """The library's merge is its own code; the checks' reference merge is the oracle."""
+    from lora_rlhf.checks.reference import adaptor_values as seeded_values
+    from lora_rlhf.checks.reference import merge_into
+    from lora_rlhf.merge import merge_attention_into
+    from lora_rlhf.models import load_model
+
+    ours, reference = load_model(name, device="cpu"), load_model(name, device="cpu")
+    layers = seeded_values(ours.cfg, seed=4, scale=0.3)
+    merge_attention_into(ours, layers, scaling=2.0)
+    merge_into(reference, layers, scaling=2.0)
+    mine, theirs = ours.state_dict(), reference.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert any(
+        not torch.equal(v, load_model(name, device="cpu").state_dict()[k]) for k, v in mine.items()
+    )
+
+
+def test_the_library_merge_does_not_import_the_checks():
+    import ast
+    from pathlib import Path
+
+    import lora_rlhf.merge
+
+    tree = ast.parse(Path(lora_rlhf.merge.__file__).read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not {m for m in modules if m and m.startswith(("lora_rlhf.checks", "lora_rlhf.grading"))}
