@@ -26,8 +26,9 @@ refused by comparing with what the adaptors' own forward computes.
 
 ``fast_lora(model, lora_alpha)`` switches it on for a block, ``install_fast_lora`` for good (it
 returns the undo). In between, ``forward_with_value_head`` and ``generate`` run fast; plain
-``forward`` stays the base model (π_ref). ``FastRLHFTrainerLora`` is what ``lora-rlhf train
---impl library`` trains.
+``forward`` stays the base model (π_ref). ``with_fast_lora(trainer_class)`` gives the trainer
+whose model runs this way: what ``lora-rlhf train --impl library`` trains (any other ``--impl``
+trains the submission's own classes as they are).
 """
 
 from __future__ import annotations
@@ -103,13 +104,22 @@ def install_fast_lora(model: nn.Module, lora_alpha: float) -> Callable[[], None]
     return undo
 
 
-class FastRLHFTrainerLora(RLHFTrainerLora):
-    """`RLHFTrainerLora` whose model runs its adaptors through the fast path."""
+def with_fast_lora(trainer_class: type[RLHFTrainerLora]) -> type[RLHFTrainerLora]:
+    """`trainer_class` (RLHFTrainerLora or a subclass) whose model runs its adaptors through the
+    fast path, installed right after `build_model` with the run's `args.lora_alpha`."""
 
-    def build_model(self):
-        model = super().build_model()
-        install_fast_lora(model, self.args.lora_alpha)
-        return model
+    class Fast(trainer_class):
+        def build_model(self):
+            model = super().build_model()
+            install_fast_lora(model, self.args.lora_alpha)
+            return model
+
+    Fast.__name__ = Fast.__qualname__ = f"Fast{trainer_class.__name__}"
+    Fast.__doc__ = f"{trainer_class.__name__}, its adaptors run through lora_rlhf.fast."
+    return Fast
+
+
+FastRLHFTrainerLora = with_fast_lora(RLHFTrainerLora)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -146,8 +146,10 @@ def _trainer_class(impl_spec: str) -> type:
     from lora_rlhf.lora import RLHFTrainerLora
     from lora_rlhf.value_head import HookedTransformerWithValueHead
 
-    if impl_spec == "library":
-        return RLHFTrainerLora
+    if impl_spec == "library":  # the library's own classes, run through its fast path
+        from lora_rlhf.fast import with_fast_lora
+
+        return with_fast_lora(RLHFTrainerLora)
     try:
         module = load_impl(impl_spec)
     except ImplementationError as err:
