@@ -61,6 +61,10 @@ class RLHFArgs:
 
     # RLHF-specific arguments
     kl_coef: float = 2.5
+    # None: kl_coef stays fixed (the course). A number: the KL(π ‖ π_ref) per generated token that
+    # an adaptive controller steers towards, starting from kl_coef (lora_rlhf.kl_control).
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
     reward_fn: RewardFn | str = reward_fn_char_count
     normalize_reward: bool = True
 
@@ -105,6 +109,14 @@ class RLHFArgs:
             f"must be divisible by num_minibatches={self.num_minibatches}",
         )
         require(0.0 <= self.final_scale, "final_scale", "must be >= 0")
+        require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        require(
+            self.kl_target is None or self.kl_target > 0,
+            "kl_target",
+            "must be None (a fixed kl_coef) or > 0 nats per generated token",
+        )
+        require(self.kl_horizon > 0, "kl_horizon", "must be > 0 samples")
+        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         require(self.temperature > 0, "temperature", "must be > 0")
         require(self.top_k is None or self.top_k > 0, "top_k", "must be None or > 0")
         require(callable(self.reward_fn), "reward_fn", "must be callable or a registered name")

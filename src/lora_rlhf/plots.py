@@ -1,4 +1,5 @@
-"""Figures of a training run: the reward curve (with the KL to the reference policy below it).
+"""Figures of a training run: the reward curve (with the KL to the reference policy below it)
+and, next to it, the reward against the KL per phase: how much reward each nat of drift bought.
 
 Drawn with matplotlib's object API (``Figure`` + the Agg canvas), never ``pyplot``: no GUI
 backend is touched, so it works headless and never changes the caller's backend.
@@ -17,7 +18,8 @@ def plot_reward_curve(
     title: str = "RLHF with LoRA",
     reward_label: str = "reward",
 ) -> Path:
-    """Save a PNG of the mean reward per phase (± one std) and the KL(π ‖ π_ref) per phase.
+    """Save a PNG of the mean reward per phase (± one std) and the KL(π ‖ π_ref) per phase, and,
+    on the right, the mean reward against the KL, one point per phase coloured by phase.
 
     Args:
         history: per-phase metrics with ``phase``, ``reward_mean``, ``reward_std`` and ``kl``
@@ -39,9 +41,12 @@ def plot_reward_curve(
     std = [m.get("reward_std", 0.0) for m in history]
     kl = [m.get("kl", float("nan")) for m in history]
 
-    fig = Figure(figsize=(7, 5), layout="constrained")
+    fig = Figure(figsize=(11, 5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_reward, ax_kl = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 1], width_ratios=[3, 2])
+    ax_reward = fig.add_subplot(grid[0, 0])
+    ax_kl = fig.add_subplot(grid[1, 0], sharex=ax_reward)
+    ax_tradeoff = fig.add_subplot(grid[:, 1])
     ax_reward.plot(phases, mean, marker="o", markersize=3, label="mean reward")
     ax_reward.fill_between(
         phases,
@@ -57,7 +62,8 @@ def plot_reward_curve(
         ]
         ax_reward.plot(phases, running, linewidth=2, label="running mean (5 phases)")
     ax_reward.set_ylabel(reward_label)
-    ax_reward.set_title(title)
+    ax_reward.tick_params(labelbottom=False)
+    fig.suptitle(title)
     ax_reward.grid(alpha=0.3)
     ax_reward.legend(loc="upper left", fontsize="small")
 
@@ -66,6 +72,14 @@ def plot_reward_curve(
     ax_kl.set_xlabel("phase")
     ax_kl.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_kl.grid(alpha=0.3)
+
+    ax_tradeoff.plot(kl, mean, color="0.7", linewidth=0.8, zorder=1)
+    points = ax_tradeoff.scatter(kl, mean, c=phases, cmap="viridis", s=18, zorder=2)
+    fig.colorbar(points, ax=ax_tradeoff, label="phase")
+    ax_tradeoff.set_xlabel("KL(π ‖ π_ref) per generated token (nats)")
+    ax_tradeoff.set_ylabel(reward_label)
+    ax_tradeoff.set_title("reward against KL, per phase", fontsize="medium")
+    ax_tradeoff.grid(alpha=0.3)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_rlhf.train_outputs import (
@@ -42,7 +43,9 @@ from lora_rlhf.train_settings import (
     check_out,
     check_reward,
     default_out,
+    kl_label,
     merge_settings,
+    parse_kl_target,
     read_resume_point,
     reward_label,
 )
@@ -50,6 +53,21 @@ from lora_rlhf.train_settings import (
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 _build_args = build_args  # the name benchmarks/phase.py and scripts/measure_memory.py use
+LIST_REWARDS = "list"  # --reward list: describe the rewards and exit
+
+
+def _ppo_trainer() -> type:
+    from lora_rlhf.lora import RLHFTrainerLora
+
+    return RLHFTrainerLora
+
+
+# --algo name -> (one-line description, a function returning the trainer class). Another algorithm
+# registers itself here; its trainer takes RLHFArgsLora and builds the model from ``model_class``,
+# so that --impl can swap in a submission's TransformerWithValueHeadLora.
+ALGOS: dict[str, tuple[str, Callable[[], type]]] = {
+    "ppo": ("PPO with a value head (Section 1)", _ppo_trainer),
+}
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -86,9 +104,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--impl",
         help="whose classes: library, solutions, exercises, or a submission's .py file/folder",
     )
-    opt(what, "--reward", help="reward function: char_count, length or no_char")
+    opt(
+        what,
+        "--algo",
+        choices=sorted(ALGOS),
+        help="the RL algorithm: " + "; ".join(f"{k}: {v[0]}" for k, v in sorted(ALGOS.items())),
+    )
+    opt(
+        what,
+        "--reward",
+        help="reward function: char_count, length, no_char, sentiment, … "
+        "('--reward list' describes each)",
+    )
     opt(what, "--char", help="the character char_count counts (and no_char penalises)")
-    opt(what, "--prefix", help="the prompt every sample continues")
+    opt(
+        what,
+        "--prefix",
+        help="the prompt every sample continues (sentiment: 'This movie was'; others: 'This is')",
+    )
 
     hp = p.add_argument_group("hyperparameters")
     opt(hp, "--phases", type=int, help="total phases (rollout + learning phase)")
@@ -105,7 +138,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     opt(hp, "--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/r)")
     opt(hp, "--base-lr", type=float, help="learning rate of the adaptors")
     opt(hp, "--head-lr", type=float, help="learning rate of the value head")
-    opt(hp, "--kl-coef", type=float, help="weight of the KL penalty against the base model")
+    opt(
+        hp,
+        "--kl-coef",
+        type=float,
+        help="weight of the KL penalty against the base model (with --kl-target: its start)",
+    )
+    opt(
+        hp,
+        "--kl-target",
+        type=parse_kl_target,
+        help="KL(π‖π_ref) per generated token that an adaptive coefficient steers towards "
+        "(Ziegler et al. 2019), or off: --kl-coef stays fixed, as in Section 1",
+    )
+    opt(
+        hp,
+        "--kl-horizon",
+        type=float,
+        help="samples over which the adaptive coefficient corrects a KL error (larger: slower)",
+    )
+    opt(hp, "--max-grad-norm", type=float, help="clip the gradient norm to this (inf: no clipping)")
     opt(hp, "--ent-coef", type=float, help="weight of the entropy bonus")
     opt(hp, "--warmup", type=int, help="phases of linear learning-rate warm-up")
     opt(hp, "--final-scale", type=float, help="learning-rate multiplier reached at the last phase")
@@ -140,16 +192,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _trainer_class(impl_spec: str) -> type:
-    """RLHFTrainerLora, training the ``--impl`` submission's ``TransformerWithValueHeadLora``."""
+def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
+    """The ``--algo`` trainer (RLHFTrainerLora for ppo), training the ``--impl`` submission's
+    ``TransformerWithValueHeadLora``."""
     from lora_rlhf.impl import ImplementationError, load_impl
-    from lora_rlhf.lora import RLHFTrainerLora
     from lora_rlhf.value_head import HookedTransformerWithValueHead
 
+    if algo not in ALGOS:
+        raise UsageError(f"--algo {algo}: unknown algorithm; known: {', '.join(sorted(ALGOS))}")
+    trainer_class = ALGOS[algo][1]()
     if impl_spec == "library":  # the library's own classes, run through its fast path
         from lora_rlhf.fast import with_fast_lora
 
-        return with_fast_lora(RLHFTrainerLora)
+        return with_fast_lora(trainer_class)
     try:
         module = load_impl(impl_spec)
     except ImplementationError as err:
@@ -164,7 +219,7 @@ def _trainer_class(impl_spec: str) -> type:
             f"--impl {impl_spec}: its TransformerWithValueHeadLora must subclass "
             "lora_rlhf.value_head.HookedTransformerWithValueHead"
         )
-    return type("RLHFTrainerLora", (RLHFTrainerLora,), {"model_class": model_class})
+    return type(trainer_class.__name__, (trainer_class,), {"model_class": model_class})
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -182,7 +237,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             f"pass --phases N with N > {resume.phases_done} to train further"
         )
     check_device(args.device)
-    trainer_class = _trainer_class(settings["impl"])
+    trainer_class = _trainer_class(settings["impl"], settings["algo"])
     if settings["impl"] not in ("library", "solutions", "exercises"):
         settings["impl"] = str(Path(settings["impl"]).resolve())  # saved for --resume
     rlhf_args = build_args(settings, args.device, bool(args.wandb), args.wandb_project)
@@ -232,7 +287,7 @@ def train(plan: Plan) -> int:
     print(
         f"lora-rlhf train: {s['model']} + LoRA (r={s['rank']}, α={s['alpha']:g}, impl {s['impl']}), "
         f"phases {start_phase}→{s['phases']}, {s['batch_size']} samples × {s['gen_len']} tokens, "
-        f"reward: {reward_label(s)}; output {plan.out}/",
+        f"reward: {reward_label(s)}; {kl_label(s)}; output {plan.out}/",
         flush=True,
     )
     recorder = RunRecorder(plan)
@@ -273,12 +328,30 @@ def train(plan: Plan) -> int:
         )
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     recorder.save_all(interrupted)
-    print_summary(plan, trainer, seconds, cpu_seconds, trainer.phase - start_phase, interrupted)
+    this_run = trainer.phase - start_phase
+    print_summary(plan, trainer, seconds, cpu_seconds, this_run, interrupted, recorder.summary())
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def list_rewards() -> int:
+    """``--reward list``: every reward with a one-line description, and whether it can run here."""
+    from lora_rlhf.rewards import REWARD_DESCRIPTIONS, REWARDS, check_reward_available
+
+    width = max(map(len, REWARDS))
+    for name in sorted(REWARDS):
+        line = f"{name:<{width}}  {REWARD_DESCRIPTIONS.get(name, '')}"
+        try:
+            check_reward_available(name)
+        except ImportError as err:
+            line += f" — not installed here: {str(err).rsplit(': ', 1)[-1]}"
+        print(line)
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
     """``lora-rlhf train``: check the options (exit 2 on a bad one), then train."""
+    if args.reward == LIST_REWARDS:
+        return list_rewards()
     try:
         plan = prepare(args)
     except UsageError as err:

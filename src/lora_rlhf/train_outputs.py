@@ -25,19 +25,31 @@ SAMPLES_MD = "samples.md"
 SAMPLES_JSON = "samples.json"
 TRAINER_STATE = "trainer_state.pt"
 RUN_FILES = ("adapter_config.json", METRICS_FILE)  # a folder holding one of these holds a run
+SUMMARY_EVENT = "summary"  # metrics.jsonl's last line: {"event": "summary", ...}
 
 
 # ------------------------------------------------------------------------------------ state
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The per-phase metrics of a run folder (or of its ``metrics.jsonl``)."""
+def _metrics_lines(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The per-phase metrics of a run folder (or of its ``metrics.jsonl``)."""
+    return [m for m in _metrics_lines(path) if "phase" in m]
+
+
+def read_summary(path: str | Path) -> dict[str, Any] | None:
+    """The summary line a finished (or interrupted) run appends to ``metrics.jsonl``: rewards,
+    their ratio, and the final KL (see :func:`summarize`); None before the run ends."""
+    summaries = [m for m in _metrics_lines(path) if m.get("event") == SUMMARY_EVENT]
+    return summaries[-1] if summaries else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -108,6 +120,8 @@ def restore(trainer, resume: ResumePoint) -> None:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         trainer.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
+        if "kl_controller" in state and hasattr(trainer, "kl_controller"):
+            trainer.kl_controller.load_state_dict(state["kl_controller"])
     if bases:  # this run's learning rates, not the saved ones (--base-lr may differ)
         trainer.scheduler.base_lrs = bases
     _continue_schedule(trainer, done)
@@ -168,6 +182,7 @@ class RunRecorder:
             "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
             "scheduler": copy.deepcopy(trainer.scheduler.state_dict()),
             "rng": _rng_state(),
+            "kl_controller": _kl_controller_state(trainer),
         }
 
     def rewind(self) -> None:
@@ -181,6 +196,8 @@ class RunRecorder:
         trainer.optimizer.load_state_dict(snap["optimizer"])
         trainer.scheduler.load_state_dict(snap["scheduler"])
         _set_rng_state(snap["rng"])
+        if snap["kl_controller"] is not None:
+            trainer.kl_controller.load_state_dict(snap["kl_controller"])
         trainer.phase = snap["phase"]
         trainer.history = [m for m in trainer.history if m["phase"] < snap["phase"]]
 
@@ -196,13 +213,14 @@ class RunRecorder:
         trainer = self.trainer
         devices = [trainer.device] if trainer.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            _, samples = trainer.sample()
+            sample_ids, samples = trainer.sample()
         rewards = trainer.compute_rewards(samples).tolist()
         self.samples["after"] = {
             "phase": trainer.phase,
             "what": f"fresh samples after {trainer.phase} phases of training",
             "samples": samples,
             "rewards": rewards,
+            "kl": trainer.kl_to_reference(sample_ids),
         }
 
     def save_adapter(self, interrupted: bool) -> None:
@@ -236,6 +254,7 @@ class RunRecorder:
                     "optimizer": trainer.optimizer.state_dict(),
                     "rng": _rng_state(),
                     "phase": trainer.phase,
+                    "kl_controller": _kl_controller_state(trainer),
                 },
                 tmp / TRAINER_STATE,
             )
@@ -279,7 +298,12 @@ class RunRecorder:
                 "",
                 f"## {heading} — {record['what']}",
                 "",
-                f"Mean reward {mean:.3f} over {len(rewards)} samples.",
+                f"Mean reward {mean:.3f} over {len(rewards)} samples."
+                + (
+                    f" KL(π‖π_ref) {record['kl']:.3f} nats per generated token."
+                    if "kl" in record
+                    else ""
+                ),
                 "",
                 "```text",
                 *(f"[{r:g}] {_display(t, bos)}" for t, r in zip(record["samples"], rewards)),
@@ -299,19 +323,65 @@ class RunRecorder:
         elif not interrupted:
             self.sample_after()
         self.save_samples()
+        self.save_summary()
+
+    def summary(self) -> dict[str, Any]:
+        """:func:`summarize` of the history, with the KL of the fresh samples after training."""
+        after = self.samples.get("after") or {}
+        return summarize(self.trainer.history, kl_final=after.get("kl"))
+
+    def save_summary(self) -> None:
+        """Append the summary line to ``metrics.jsonl`` (``start`` rewrites the file without it)."""
+        line = {"event": SUMMARY_EVENT, "phases_done": self.trainer.phase, **self.summary()}
+        line = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in line.items()}  # fmt: skip
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 # ------------------------------------------------------------------------------------ run
 
 
-def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
-    """First-phase reward, mean of the last five phases, and their ratio (NaN when undefined)."""
+def summarize(history: list[dict[str, Any]], kl_final: float | None = None) -> dict[str, float]:
+    """What a run reached (NaN when undefined).
+
+    ``reward_first``: the first phase's mean reward; ``reward_last5``: the mean over the last five
+    phases; ``reward_ratio``: last5 / first; ``kl_last5``: the rollouts' KL(π ‖ π_ref) per
+    generated token, mean over the last five phases; ``kl_final``: the trained policy's, on the
+    fresh samples after training (when given); ``kl_coef_final``: the last phase's KL coefficient.
+    """
+    nan = math.nan
     if not history:
-        return {"first": math.nan, "last5": math.nan, "ratio": math.nan}
-    rewards = [m["reward_mean"] for m in history]
-    first, last5 = rewards[0], sum(rewards[-5:]) / len(rewards[-5:])
-    ratio = last5 / first if first > 0 else math.nan
-    return {"first": first, "last5": last5, "ratio": ratio}
+        return dict.fromkeys(
+            (
+                "reward_first",
+                "reward_last5",
+                "reward_ratio",
+                "kl_last5",
+                "kl_final",
+                "kl_coef_final",
+            ),
+            nan,
+        )
+
+    def last5_mean(key: str) -> float:
+        values = [m.get(key, nan) for m in history[-5:]]
+        return sum(values) / len(values)
+
+    first, last5 = history[0]["reward_mean"], last5_mean("reward_mean")
+    return {
+        "reward_first": first,
+        "reward_last5": last5,
+        "reward_ratio": last5 / first if first > 0 else nan,
+        "kl_last5": last5_mean("kl"),
+        "kl_final": nan if kl_final is None else kl_final,
+        "kl_coef_final": history[-1].get("kl_coef", nan),
+    }
+
+
+def _kl_controller_state(trainer) -> dict[str, Any] | None:
+    controller = getattr(trainer, "kl_controller", None)
+    return None if controller is None else controller.state_dict()
 
 
 def _duration(seconds: float) -> str:
@@ -320,9 +390,15 @@ def _duration(seconds: float) -> str:
 
 
 def print_summary(
-    plan: Plan, trainer, seconds: float, cpu_seconds: float, this_run: int, interrupted: bool
+    plan: Plan,
+    trainer,
+    seconds: float,
+    cpu_seconds: float,
+    this_run: int,
+    interrupted: bool,
+    summary: dict[str, Any] | None = None,
 ) -> None:
-    s, out = summarize(trainer.history), plan.out
+    s, out = summary or summarize(trainer.history), plan.out
     total = plan.rlhf_args.total_phases
     state = (
         f"Interrupted after {trainer.phase} of {total} phases"
@@ -335,10 +411,15 @@ def print_summary(
         f"CPU time {_duration(cpu_seconds)}."
     )
     if trainer.history:
-        ratio = f"×{s['ratio']:.2f}" if math.isfinite(s["ratio"]) else "ratio n/a"
+        ratio = f"×{s['reward_ratio']:.2f}" if math.isfinite(s["reward_ratio"]) else "ratio n/a"
         print(
-            f"Reward ({reward_label(plan.settings)}): first phase {s['first']:.3f}, "
-            f"last 5 phases {s['last5']:.3f} ({ratio})."
+            f"Reward ({reward_label(plan.settings)}): first phase {s['reward_first']:.3f}, "
+            f"last 5 phases {s['reward_last5']:.3f} ({ratio})."
+        )
+        final = f", trained policy {s['kl_final']:.3f}" if math.isfinite(s["kl_final"]) else ""
+        print(
+            f"KL(π‖π_ref) per generated token: last 5 phases {s['kl_last5']:.3f} nats{final}; "
+            f"KL coefficient at the end {s['kl_coef_final']:.4g}."
         )
     print(f"Output in {out}/:")
     for name, what in (

@@ -29,6 +29,7 @@ from transformer_lens import HookedTransformer
 
 from lora_rlhf.args import RLHFArgs
 from lora_rlhf.devices import default_device
+from lora_rlhf.kl_control import KLController, make_kl_controller
 from lora_rlhf.memory import lean_heap, release_freed_memory
 from lora_rlhf.models.sharing import share_frozen_copies, untie_unembed
 from lora_rlhf.ppo import (
@@ -85,6 +86,8 @@ class RLHFTrainer:
         model: the policy, a :class:`HookedTransformerWithValueHead`.
         ref_model: the reference policy (its plain forward gives the reference logits).
         optimizer, scheduler: from :meth:`build_optimizer_and_scheduler`.
+        kl_controller: the KL coefficient (``kl_controller.value``): fixed at ``args.kl_coef``, or
+            adapted after each phase when ``args.kl_target`` is set (:mod:`lora_rlhf.kl_control`).
         prefix_len: number of prompt tokens (BOS included).
         history: one metrics dict per finished phase (see :meth:`train`).
         samples, rewards: the latest rollout's decoded samples and raw rewards.
@@ -113,6 +116,7 @@ class RLHFTrainer:
         # config has a seed), and sampling must depend on args.seed alone.
         seed_everything(args.seed)
         self.optimizer, self.scheduler = self.build_optimizer_and_scheduler()
+        self.kl_controller: KLController = make_kl_controller(args)
         release_freed_memory()  # what loading the weights left free (see lora_rlhf.memory)
         prompt_ids = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos)
         self.prefix_len: int = prompt_ids.shape[-1]
@@ -172,6 +176,14 @@ class RLHFTrainer:
             prepend_bos=args.prepend_bos,
         )
 
+    @torch.no_grad()
+    def kl_to_reference(self, sample_ids: Tensor) -> float:
+        """KL(π ‖ π_ref) per generated token of the current policy on these samples (the
+        rollout's ``kl`` metric, for samples drawn outside a phase)."""
+        logits, _ = self.model.forward_with_value_head(sample_ids)
+        ref_logits = self.ref_model(sample_ids)
+        return calc_kl_penalty(logits, ref_logits, kl_coef=1.0, gen_len=self.args.gen_len).item()
+
     def rollout_phase(self) -> ReplayMemory:
         """Sample a batch, score it and store what the learning phase needs."""
         args = self.args
@@ -217,7 +229,8 @@ class RLHFTrainer:
         )
         value_loss = calc_value_function_loss(values, minibatch.returns, args.vf_coef, args.gen_len)
         entropy_bonus = calc_entropy_bonus(gen_logits, args.ent_coef, args.gen_len)
-        kl_penalty = calc_kl_penalty(gen_logits, minibatch.ref_logits, args.kl_coef, args.gen_len)
+        kl_coef = self.kl_controller.value
+        kl_penalty = calc_kl_penalty(gen_logits, minibatch.ref_logits, kl_coef, args.gen_len)
         objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
 
         self._minibatch_stats.append(
@@ -249,6 +262,9 @@ class RLHFTrainer:
                 release_freed_memory()
         self._phase_stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        # The coefficient this phase used; then the next phase's, from this rollout's KL.
+        self._phase_stats["kl_coef"] = self.kl_controller.value
+        self.kl_controller.update(self._phase_stats["kl"], n_samples=self.args.batch_size)
         for key in _LEARNING_STATS:
             values = [stats[key] for stats in self._minibatch_stats]
             self._phase_stats[key] = float(np.mean(values)) if values else float("nan")
@@ -274,7 +290,8 @@ class RLHFTrainer:
         Each phase's metrics: ``phase``, ``reward_mean``, ``reward_std`` (raw rewards), ``kl`` and
         ``entropy`` (unscaled means over the rollout's generated positions), ``value_loss``,
         ``clip_frac``, ``objective`` and the other loss terms (means over minibatches), ``lr``
-        (base learning rate used), ``rollout_seconds``, ``phase_seconds``.
+        (base learning rate used), ``kl_coef`` (the KL coefficient used), ``rollout_seconds``,
+        ``phase_seconds``.
         """
         args = self.args
         run = self._init_wandb() if args.use_wandb else None
