@@ -51,6 +51,24 @@ class AdapterMismatchError(ValueError):
     """A saved adapter that does not fit the model it is loaded onto, saying what differs."""
 
 
+class AdapterFileError(AdapterMismatchError):
+    """A file of a saved adapter (or training run) folder that is missing or damaged. The message
+    is one line: the file, what is wrong with it, and what to do."""
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def damaged(path: Path, err: BaseException | str, fix: str) -> AdapterFileError:
+    why = err if isinstance(err, str) else one_line(err)
+    return AdapterFileError(f"{path}: damaged ({why}); {fix}")
+
+
+RESAVE = "restore it from a copy or save the adapter again (nothing was loaded or overwritten)"
+
+
 # ---------------------------------------------------------------------------------------------
 # Listing the adaptors of a model
 
@@ -214,7 +232,12 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     config_path = path / ADAPTER_CONFIG if path.is_dir() else path
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no adapter config (save one with save_adapter)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged(config_path, f"not readable JSON: {one_line(err)}", RESAVE) from None
+    if not isinstance(config, dict):
+        raise damaged(config_path, "not a JSON object", RESAVE)
     if "peft_type" in config:
         raise AdapterMismatchError(
             f"{config_path} is a PEFT adapter (for a Hugging Face model): load it with "
@@ -227,7 +250,28 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
             f"{config_path} has format version {config['format_version']}; this lora_rlhf "
             f"({lora_rlhf.__version__}) reads up to {FORMAT_VERSION}: upgrade lora_rlhf"
         )
+    missing = [k for k in ("base_model", "rank", "lora_alpha", "targets") if k not in config]
+    if missing:
+        raise damaged(config_path, f"no {', '.join(missing)}", RESAVE)
     return config
+
+
+def read_adapter_weights(path: str | Path, fix: str = RESAVE) -> dict[str, Tensor]:
+    """The tensors of a saved adapter folder's ``adapter.safetensors`` (on the CPU).
+
+    Raises :class:`AdapterFileError` (one line naming the file) when it is missing, truncated or
+    not a safetensors file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / ADAPTER_WEIGHTS if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise AdapterFileError(f"{file}: missing; {fix}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise damaged(file, f"truncated or not a safetensors file: {one_line(err)}", fix) from None
 
 
 def _describe(key: str) -> str:
@@ -263,8 +307,6 @@ def load_adapter(
             shape differs (the message names it, e.g. ``layer 3 lora_k.A: saved (3, 576, 4),
             model (9, 576, 4)``).
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = read_adapter_config(path)
     where = f"adapter {path}"
@@ -289,7 +331,7 @@ def load_adapter(
             f"this model rank={rank}, lora_alpha={alpha}"
         )
 
-    saved = load_file(str(path / ADAPTER_WEIGHTS))
+    saved = read_adapter_weights(path)
     wanted: dict[str, Tensor] = {}
     for i, layer in enumerate(layer_adaptors(model)):
         for target, lora in layer.items():
