@@ -4,7 +4,11 @@ and `sync --check` notices when one is stale.
 
 The kernel is this interpreter (the project's .venv), registered under a kernel spec of its own in
 a temporary folder, so a `python3` kernel installed elsewhere on the machine is never used. The
-notebooks run on a tiny model (LORA_RLHF_NOTEBOOK_MODEL) and one thread, to stay quick.
+notebooks run on a tiny model (LORA_RLHF_NOTEBOOK_MODEL) and one thread, to stay quick, and share
+one kernel: importing torch and transformer_lens is most of a notebook's time, so it is paid once.
+Each notebook starts with `%reset -f`, which empties the kernel's namespace: no notebook sees
+another's names (modules stay imported, as a kernel restart would not keep them, but a notebook
+still needs its own import statements to see them).
 """
 
 from __future__ import annotations
@@ -68,18 +72,30 @@ def kernel_dir(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = old
 
 
-def execute(path: Path, workdir: Path) -> nbformat.NotebookNode:
+@pytest.fixture(scope="module")
+def kernel(kernel_dir, tmp_path_factory):
+    """One kernel, started in an empty folder, for every notebook of this module."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    km = AsyncKernelManager(kernel_name=KERNEL)
+    run_sync(km.start_kernel)(cwd=str(tmp_path_factory.mktemp("notebooks")))
+    yield km
+    run_sync(km.shutdown_kernel)(now=True)
+
+
+def execute(path: Path, km) -> nbformat.NotebookNode:
+    """Run the notebook top to bottom in `km`'s kernel, after emptying its namespace; stops at
+    the first error (the error stays in that cell's outputs). Cell 0 is the reset."""
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(
-        nb,
-        kernel_name=KERNEL,
-        timeout=240,
-        resources={"metadata": {"path": str(workdir)}},
-    )
+    nb.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))
+    client = nbclient.NotebookClient(nb, km=km, kernel_name=KERNEL, timeout=240)
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError:
         pass  # the error is in the cell's outputs, where the tests read it
+    finally:
+        client.kc.stop_channels()
     return nb
 
 
@@ -98,8 +114,8 @@ def is_check_cell(cell) -> bool:
 
 
 @pytest.mark.parametrize("src", SOURCES, ids=lambda s: s.target_name)
-def test_solutions_notebook_runs_top_to_bottom_in_a_kernel(src, kernel_dir, tmp_path):
-    nb = execute(notebook_path("solutions", src), tmp_path)
+def test_solutions_notebook_runs_top_to_bottom_in_a_kernel(src, kernel):
+    nb = execute(notebook_path("solutions", src), kernel)
     failed = errors(nb)
     assert not failed, "\n".join(f"cell {i}: {out['ename']}: {out['evalue']}" for i, out in failed)
     check_cells = [cell for cell in nb.cells if is_check_cell(cell)]
@@ -111,8 +127,8 @@ def test_solutions_notebook_runs_top_to_bottom_in_a_kernel(src, kernel_dir, tmp_
 
 
 @pytest.mark.parametrize("src", SOURCES, ids=lambda s: s.target_name)
-def test_exercises_notebook_stops_at_the_first_check_with_the_stub_named(src, kernel_dir, tmp_path):
-    nb = execute(notebook_path("exercises", src), tmp_path)
+def test_exercises_notebook_stops_at_the_first_check_with_the_stub_named(src, kernel):
+    nb = execute(notebook_path("exercises", src), kernel)
     first_check = next(i for i, cell in enumerate(nb.cells) if is_check_cell(cell))
     first_stub = next(
         BEGIN.match(line)["what"] for line in src.path.read_text().splitlines() if BEGIN.match(line)
@@ -228,3 +244,27 @@ def test_sync_check_fails_on_a_stale_notebook(change, tmp_path, capsys):
     assert f"stale: {path.relative_to(root)}" in out.out and "lora-rlhf sync" in out.err
     assert main(["sync", "--root", str(root)]) == 0
     assert main(["sync", "--check", "--root", str(root)]) == 0
+
+
+def test_parameters_cell_takes_the_model_from_the_environment_default_the_embedded_one(
+    monkeypatch,
+):
+    from lora_rlhf.models import DEFAULT_MODEL
+
+    cells = [
+        cell
+        for src in SOURCES
+        for cell in nbformat.read(notebook_path("solutions", src), as_version=4).cells
+        if "parameters" in cell.metadata.get("tags", [])
+    ]
+    assert cells, "no notebook has a parameters cell"
+    # what the notebooks import before their parameters cell
+    PRELUDE = "import os\nfrom lora_rlhf.models import DEFAULT_MODEL\n"
+    for cell in cells:
+        monkeypatch.delenv("LORA_RLHF_NOTEBOOK_MODEL", raising=False)
+        names: dict = {}
+        exec(compile(PRELUDE + cell.source, "parameters", "exec"), names)
+        assert names["NOTEBOOK_MODEL"] == DEFAULT_MODEL == "smollm2-135m"
+        monkeypatch.setenv("LORA_RLHF_NOTEBOOK_MODEL", "tiny-pythia")
+        exec(compile(PRELUDE + cell.source, "parameters", "exec"), names)
+        assert names["NOTEBOOK_MODEL"] == "tiny-pythia"
