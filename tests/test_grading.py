@@ -161,7 +161,7 @@ def fixture_sources(tmp: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
         "os_exit_at_import": (with_code_at_import(STUBS, "import os\nos._exit(0)\n"), ()),
         "segfault_at_import": ((FIXTURES / "segfault_at_import.py").read_text(), ()),
         "hang_and_exit": (HANG_AND_EXIT, ("--check-timeout", "5")),
-        "over_total_time": (HANG_AND_EXIT, ("--total-timeout", "3")),
+        "over_total_time": (HANG_AND_EXIT, ("--total-timeout", "3", "--check-timeout", "60")),
         "memory_hog": (
             with_code_in(
                 LORA_ONLY,
