@@ -402,7 +402,10 @@ def compare_products(name: str, slow_class, fast_class) -> dict[str, float]:
     adaptors, non-zero B), per layer beyond the base model's; fail if the logits differ."""
     rows = {"slow": _hooked_forward(slow_class, name), "fast": _hooked_forward(fast_class, name)}
     slow, fast = rows["slow"], rows["fast"]
-    if not torch.allclose(slow["logits"], fast["logits"], atol=1e-4, rtol=1e-4):
+    # float32 rounds differently in another order of products, and through a deep model the
+    # difference grows with the logits' size: compare relative to it
+    tolerance = 1e-4 * max(1.0, float(slow["logits"].abs().max()))
+    if max_diff(fast["logits"], slow["logits"]) > tolerance:
         raise AssertionError(
             f"{fast_class.__name__} and {slow_class.__name__} give different logits on {name} "
             f"(max diff {max_diff(fast['logits'], slow['logits']):.3g})"
