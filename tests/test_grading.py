@@ -490,3 +490,30 @@ def test_junit_xml_has_one_suite_per_exercise_and_one_case_per_check(graded, nam
     failed = {c.get("name") for c in cases if c.find("failure") is not None}
     assert failed == graded[name].failed()
     assert int(root.get("failures")) == len(failed)
+
+
+# --------------------------------------------------------------------------------------------
+# Time limits and the generated files' install cell
+def test_every_check_has_a_measured_reference_time_and_a_limit_from_it():
+    from lora_rlhf.grading import timing
+    from lora_rlhf.grading.grader import Limits
+
+    assert set(timing.REFERENCE_SECONDS) == set(CHECKS)
+    limits = Limits()
+    for name, seconds in timing.REFERENCE_SECONDS.items():
+        assert limits.for_check(name) == max(timing.FLOOR, timing.FACTOR * seconds)
+    assert Limits(check_timeout=7).for_check("lora_init") == 7
+    assert limits.total_timeout <= 300  # well below Gradescope's default of 10 minutes
+
+
+def test_the_install_cell_of_the_generated_files_is_not_tampering_but_using_it_is(tmp_path):
+    from lora_rlhf.authoring import INSTALL_CELL
+
+    path = tmp_path / "submission.py"
+    path.write_text("import math\n" + INSTALL_CELL)
+    assert static.scan(path).tampering == []
+    path.write_text("import math\n" + INSTALL_CELL + "subprocess.run(['true'])\n")
+    (finding,) = {f.line for f in static.scan(path).tampering}
+    assert finding == line_of(path.read_text(), "subprocess.run(['true'])")
+    path.write_text("import math\n" + INSTALL_CELL.replace("--quiet", "--verbose"))
+    assert static.scan(path).tampering  # only the cell word for word is the course's own
