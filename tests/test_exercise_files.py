@@ -32,8 +32,8 @@ def test_sync_check_command_reports_stale_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["exercises", "solutions"])
-def test_student_files_open_as_notebooks(kind):
-    notebook = jupytext.read(ROOT / kind / SECTION2, fmt="py:percent")
+def test_student_notebooks_explain_before_they_ask(kind):
+    notebook = jupytext.read(ROOT / kind / SECTION2.replace(".py", ".ipynb"))
     kinds = [cell.cell_type for cell in notebook.cells]
     assert kinds.count("markdown") >= 5 and kinds.count("code") >= 5
     text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "sync", help="regenerate exercises/ and solutions/ from src/lora_rlhf/lora.py"
+        "sync",
+        help="regenerate exercises/ and solutions/ (scripts and notebooks) from their sources",
     )
     p.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     p.add_argument(
