@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import jupytext
 import pytest
@@ -140,21 +139,34 @@ def test_exercises_command_refuses_a_file_as_folder(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_exercises_command_works_from_the_package_alone(tmp_path):
-    """As from a wheel: the package folder by itself, no checkout (no exercises/ next to it)."""
+def test_exercises_command_works_from_a_wheel_without_a_clone(tmp_path):
+    """Build the wheel (from a copy of the project: nothing is written into the checkout), unpack
+    it alone on the path, and run the command there: no exercises/ folder exists anywhere near."""
     import os
     import shutil
     import subprocess
     import sys
+    import zipfile
 
-    import lora_rlhf
-
-    site = tmp_path / "site"
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
+    project = tmp_path / "project"
+    for name in ("pyproject.toml", "README.md"):
+        project.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, project / name)
     shutil.copytree(
-        Path(lora_rlhf.__file__).parent,
-        site / "lora_rlhf",
-        ignore=shutil.ignore_patterns("__pycache__"),
+        ROOT / "src",
+        project / "src",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
     )
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    build = subprocess.run(
+        [*pip, "-w", str(tmp_path / "dist"), str(project)], capture_output=True, text=True
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("lora_rlhf-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+
     out = tmp_path / "out"
     code = (
         "import sys, lora_rlhf; from lora_rlhf.cli import main; "
