@@ -169,11 +169,21 @@ def test_every_definition_lands_in_a_code_cell(src, kind):
     assert definitions(script), "no definitions found: the test would prove nothing"
 
 
-def test_sync_refuses_a_definition_that_would_land_in_a_markdown_cell():
-    text = "# %%\nimport os\n\n# %% [markdown]\n# Some prose\n\n\ndef helper():\n    pass\n"
+@pytest.mark.parametrize(
+    "code, named",
+    [
+        ("def helper():\n    pass\n", "helper"),
+        ("_PLAIN_ATTRIBUTES = frozenset({'z'})\n", "\"_PLAIN_ATTRIBUTES = frozenset({'z'})\""),
+    ],
+)
+def test_sync_refuses_code_that_would_land_in_a_markdown_cell(code, named):
+    text = "# %%\nimport os\n\n# %% [markdown]\n# Some prose\n\n\n" + code
     script = render(text, "solutions")
-    with pytest.raises(MarkerError, match=r"helper would land in a markdown cell.*# %%"):
+    with pytest.raises(MarkerError) as error:
         notebook(script, "solutions/x.ipynb", "src/lora_rlhf/x.py")
+    assert str(error.value).startswith(f"src/lora_rlhf/x.py: {named} would land in a markdown")
+    assert "put a `# %%` line before" in str(error.value)
+    notebook(render(text.replace("\n\n\n" + code, "\n\n# %%\n" + code), "solutions"))
 
 
 @pytest.mark.parametrize("kind", KINDS)

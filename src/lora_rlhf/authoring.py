@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,13 +139,37 @@ def notebook(script: str, name: str = "notebook", source: str = "the source") ->
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(name).stem)
     for i, cell in enumerate(nb.cells):
         cell.id = f"{stem}-{i}"[-64:]
-    misplaced = definitions(script) - set().union(*map(_cell_definitions, nb.cells))
-    if misplaced:
+    stray = _code_outside_code_cells(script, nb)
+    if stray:
+        misplaced = definitions(script) - set().union(*map(_cell_definitions, nb.cells))
         raise MarkerError(
-            f"{source}: {', '.join(sorted(misplaced))} would land in a markdown cell of {name}: "
-            "put a `# %%` line before the code that follows a markdown cell"
+            f"{source}: {', '.join(sorted(misplaced)) or repr(stray[0])} would land in a markdown "
+            f"cell of {name}: put a `# %%` line before the code that follows a markdown cell"
         )
     return nbformat.writes(nb) + "\n"
+
+
+def _code_outside_code_cells(script: str, nb) -> list[str]:
+    """The script's code lines (not blank, not comments) that no code cell of `nb` holds."""
+    in_cells = Counter(
+        line
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if _is_code(line)
+    )
+    stray = []
+    for line in filter(_is_code, script.splitlines()):
+        if in_cells[line] > 0:
+            in_cells[line] -= 1
+        else:
+            stray.append(line.strip())
+    return stray
+
+
+def _is_code(line: str) -> bool:
+    stripped = line.strip()
+    return bool(stripped) and not stripped.startswith("#")
 
 
 def definitions(code: str) -> set[str]:
