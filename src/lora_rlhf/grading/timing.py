@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 FACTOR = 20.0
-FLOOR = 2.5  # seconds
+FLOOR = 2.0  # seconds
 IMPORT_LIMIT = 20.0  # seconds to import the submission (in a worker that has torch already)
 UNKNOWN = 30.0  # seconds for a check that has no measured time (a new one, before --write)
 TOTAL_LIMIT = 180.0  # seconds for all the probes together
