@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lora_rlhf.fused import fused_lora
+from lora_rlhf.fast import install_fast_lora
 from lora_rlhf.lora import TransformerWithValueHeadLora
 from lora_rlhf.merge import merge_lora
 from lora_rlhf.models.sharing import distinct_tensors
@@ -39,6 +39,7 @@ class Setup:
     """What the cases run on; built once by :func:`build`."""
 
     model: TransformerWithValueHeadLora  # plain forward = the base model
+    fast: TransformerWithValueHeadLora  # a copy of it, its adaptors run by lora_rlhf.fast
     merged: torch.nn.Module
     tokens: Tensor
     hf: torch.nn.Module | None = None  # transformers model, same base weights
@@ -65,7 +66,9 @@ def build(
     nonzero_B(model)
     model.eval()  # no dropout anywhere; eval only matters for PEFT's lora_dropout (0 anyway)
     tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq), device=device)
-    setup = Setup(model=model, merged=merge_lora(model), tokens=tokens)
+    fast = copy.deepcopy(model)
+    install_fast_lora(fast, alpha)
+    setup = Setup(model=model, fast=fast, merged=merge_lora(model), tokens=tokens)
     setup.notes["n_hooks"] = len(model.fwd_hooks)
     setup.notes["n_layers"] = model.cfg.n_layers
     # Every variant must compute the same function as the LoRA model.
@@ -73,9 +76,8 @@ def build(
         lora_logits, _ = model.forward_with_value_head(tokens)
         merged_logits = setup.merged(tokens)
         setup.notes["merged_max_abs_diff"] = (merged_logits - lora_logits).abs().max().item()
-        with fused_lora(model):
-            fused_logits = model(tokens)
-        setup.notes["fused_max_abs_diff"] = (fused_logits - lora_logits).abs().max().item()
+        fast_logits, _ = fast.forward_with_value_head(tokens)
+        setup.notes["fast_max_abs_diff"] = (fast_logits - lora_logits).abs().max().item()
     if with_peft and model.cfg.original_architecture == "LlamaForCausalLM":
         _add_peft(setup, rank, alpha)
     return setup
@@ -157,7 +159,7 @@ def _trainable(params: list[torch.nn.Parameter]):
 
 def cases(setup: Setup) -> dict[str, Callable[[], object]]:
     """Every timed case, by name (see ``CASE_TITLES`` in report.py for what each measures)."""
-    model, merged, tokens = setup.model, setup.merged, setup.tokens
+    model, fast, merged, tokens = setup.model, setup.fast, setup.merged, setup.tokens
     base_params = model.base_model_params()
 
     def base_fwd():
@@ -172,9 +174,18 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         with torch.no_grad(), attached_hooks(model, model.lora_fwd_hooks):
             model(tokens)
 
-    def lora_fused_fwd():  # the same adaptors, q/k/v inside W_Q's product (lora_rlhf.fused)
-        with torch.no_grad(), fused_lora(model):
+    def base_vh_fwd():  # the base model and the value head: what forward_with_value_head adds to
+        with torch.no_grad(), attached_hooks(model, [model.value_head_hook]):
             model(tokens)
+
+    def fast_fwd():  # the same adaptors through the library's fast path (lora_rlhf.fast)
+        with torch.no_grad():
+            fast.forward_with_value_head(tokens)
+
+    def fast_fwdbwd():
+        fast.zero_grad(set_to_none=True)
+        logits, values = fast.forward_with_value_head(tokens)
+        (logits.mean() + values.mean()).backward()
 
     def lora_only_fwdbwd():
         model.zero_grad(set_to_none=True)
@@ -211,7 +222,9 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         "base_fwd": base_fwd,
         "lora_fwd": lora_fwd,
         "lora_only_fwd": lora_only_fwd,
-        "lora_fused_fwd": lora_fused_fwd,
+        "base_vh_fwd": base_vh_fwd,
+        "fast_fwd": fast_fwd,
+        "fast_fwdbwd": fast_fwdbwd,
         "lora_only_fwdbwd": lora_only_fwdbwd,
         "merged_fwd": merged_fwd,
         "hook_registration": hook_registration,
@@ -297,22 +310,3 @@ def param_counts(model: TransformerWithValueHeadLora) -> dict[str, int]:
         "lora": n(model.lora_params()),
         "value_head": n(model.get_value_head_params()),
     }
-
-
-def design_setup(argv: list[str] | None, description: str, rounds: int):
-    """What the design experiments (hook_designs.py, fused_design.py) share: `--rounds` and
-    `--threads`, and the embedded model with rank-4 adaptors whose B are non-zero (as trained
-    ones are), in eval mode. Returns (options, model, tokens of batch 8 × 24)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--rounds", type=int, default=rounds)
-    parser.add_argument("--threads", type=int, default=2)
-    opts = parser.parse_args(argv)
-    torch.set_num_threads(opts.threads)
-    torch.manual_seed(0)
-    model = TransformerWithValueHeadLora.from_pretrained("smollm2-135m", rank=4, lora_alpha=32)
-    nonzero_B(model)
-    model.eval()
-    tokens = torch.randint(0, model.cfg.d_vocab, (8, 24))
-    return opts, model, tokens

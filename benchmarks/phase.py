@@ -2,6 +2,10 @@
 
     python benchmarks/phase.py --trainer lora --phases 2 --threads 2
 
+Trainers: ``lora`` (Section 2's teaching classes, as ``--impl solutions`` trains them), ``fast``
+(the same classes through ``lora_rlhf.fast``, as ``lora-rlhf train`` trains by default), ``full``
+(Section 1's full fine-tuning, same settings).
+
 Peak memory is this process's maximum resident set size: it includes Python, torch and the imports
 (``rss_after_imports_mb``), which is why each trainer gets its own process. It is read as
 ``VmHWM`` from /proc/self/status, the high-water mark of this program's own memory: Linux carries
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     d = train_cli.DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trainer", choices=("lora", "full"), required=True)
+    p.add_argument("--trainer", choices=("lora", "fast", "full"), required=True)
     p.add_argument("--model", default=d["model"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from lora_rlhf.args import RLHFArgs
+    from lora_rlhf.fast import with_fast_lora
     from lora_rlhf.lora import RLHFTrainerLora
     from lora_rlhf.models.sharing import distinct_tensors
     from lora_rlhf.trainer import RLHFTrainer
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     lora_args = train_cli._build_args(settings, opts.device, False, "benchmark")
     if opts.trainer == "lora":
         args, trainer_cls = lora_args, RLHFTrainerLora
+    elif opts.trainer == "fast":
+        args, trainer_cls = lora_args, with_fast_lora(RLHFTrainerLora)
     else:  # Section 1's trainer on the same settings, without the LoRA fields
         shared = {f.name: getattr(lora_args, f.name) for f in dataclasses.fields(RLHFArgs)}
         args, trainer_cls = RLHFArgs(**shared), RLHFTrainer

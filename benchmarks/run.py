@@ -136,9 +136,9 @@ def _phase_child(trainer: str, opts) -> dict:
 
 
 def run_phase(opts, meta: dict) -> dict:
-    out: dict[str, list] = {"lora": [], "full": []}
-    for i in range(opts.phase_processes):  # alternating: both see the same background load
-        for trainer in ("full", "lora"):
+    out: dict[str, list] = {"lora": [], "fast": [], "full": []}
+    for i in range(opts.phase_processes):  # alternating: all see the same background load
+        for trainer in ("full", "lora", "fast"):
             _log(f"RLHF phase, {trainer} trainer, process {i + 1}/{opts.phase_processes}")
             result = _phase_child(trainer, opts)
             out[trainer].append(result)

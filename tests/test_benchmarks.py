@@ -68,12 +68,13 @@ def test_a_quick_run_writes_the_table_and_keeps_the_prose_around_it(tmp_path):
     assert json.loads((tmp_path / "benchmarks" / "cpu.json").read_text()) == results
     assert "| CPU: " in text and "| GPU: not measured yet |" in text
     assert "--device cuda` on a machine with one" in text
-    assert (
-        "| 1 | Forward: LoRA model (base + adaptors: `lora_fwd_hooks`) vs base `forward` |" in text
-    )
+    teaching = "Forward: LoRA model by the teaching hooks (Exercise 2, `lora_fwd_hooks`)"
+    assert f"| 1 | {teaching} vs base `forward` | " in text
+    assert "| 1 | Forward as the library trains: `forward_with_value_head` through the fast" in text
     assert "| 3 | Forward: merged model" in text
     notes = results["forward"]["notes"]
     assert notes["merged_max_abs_diff"] < 1e-4  # the merged model computes the LoRA model
+    assert notes["fast_max_abs_diff"] < 1e-4  # and so does the fast path
 
 
 def test_rounds_interleave_every_case_and_ratios_pair_rounds():
@@ -134,9 +135,11 @@ def test_a_gpu_run_adds_a_column_beside_the_cpus(tmp_path):
         for line in block.splitlines()
         if line.startswith("| ") and not line.startswith(("| # ", "|---"))
     }
-    cpu_cell, gpu_cell = rows["forward, LoRA model (Exercise 2's hooks) vs base"][3:5]
-    assert cpu_cell.startswith("1.071× (1.054×) — **missed**") and "hooks 1.057×" in cpu_cell
-    assert gpu_cell.startswith("2.142×") and "hooks" not in gpu_cell  # not timed on a GPU
+    target, cpu_cell, gpu_cell = rows[
+        "forward, LoRA model by the teaching hooks (Exercise 2) vs base"
+    ][2:5]
+    assert target == "—" and cpu_cell == "1.071× (1.054×)"  # the lesson's row has no target
+    assert gpu_cell.startswith("2.142×")
     memory = rows["one RLHF phase, peak memory, LoRA vs full fine-tuning"]
     assert memory[3].startswith("0.344× (resident) — met")
     assert memory[4].startswith("0.250× (CUDA allocated) — met")
@@ -168,3 +171,17 @@ def test_bad_device_and_bad_kept_results_stop_with_a_clear_message(tmp_path):
         run.load_results(tmp_path / "kept")
     with pytest.raises(ValueError, match="no benchmark results"):
         report.render_devices({})
+
+
+def test_the_fast_paths_phase_time_is_set_against_the_teaching_classes_of_the_same_run():
+    results = json.loads(SAMPLE.read_text())
+    phase = results["phase"]
+    phase["fast"] = copy.deepcopy(phase["lora"])
+    for process in phase["fast"]:
+        process["phase_seconds"] = [0.8 * x for x in process["phase_seconds"]]
+    block = report.render_devices({"cpu": results})
+    row = next(line for line in block.splitlines() if "default run's phase time" in line)
+    assert "| ≤ 0.85× | 0.800× — met |" in row
+    phase["fast"][0]["phase_seconds"][-1] = 10 * phase["lora"][0]["phase_seconds"][-1]
+    phase["fast"][1]["phase_seconds"][-1] = 10 * phase["lora"][1]["phase_seconds"][-1]
+    assert "**missed**" in report.summary_table({"cpu": results}).split("phase time, fast")[1]
