@@ -111,3 +111,17 @@ def test_the_references_import_no_library_code_under_test():
             for a in n.names
         }
         assert not {m for m in imported if m and m.startswith(UNDER_TEST)}, module.__name__
+
+
+def test_no_checks_module_imports_library_code_under_test_at_module_level():
+    """Judges run module-level code only; probes may build the library's Section 1 model."""
+    folder = Path(backward_checks.__file__).parent
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {
+            n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in tree.body
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names
+        }
+        assert not {m for m in imported if m and m.startswith(UNDER_TEST)}, path.name

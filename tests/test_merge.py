@@ -177,3 +177,28 @@ def test_the_library_merge_does_not_import_the_checks():
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
     }
     assert not {m for m in modules if m and m.startswith(("lora_rlhf.checks", "lora_rlhf.grading"))}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_library_mlp_merge_equals_the_checks_reference_mlp_merge(name):
+    from lora_rlhf.checks import reference
+    from lora_rlhf.merge import merge_mlp_into
+    from lora_rlhf.models import load_model
+
+    ours, theirs = load_model(name, device="cpu"), load_model(name, device="cpu")
+    cfg, gen = ours.cfg, torch.Generator().manual_seed(5)
+    targets = {"mlp_in": (cfg.d_model, cfg.d_mlp), "mlp_out": (cfg.d_mlp, cfg.d_model)}
+    if cfg.gated_mlp:
+        targets["mlp_gate"] = (cfg.d_model, cfg.d_mlp)
+    layers = [
+        {
+            t: (torch.randn(1, i, 4, generator=gen), torch.randn(1, 4, o, generator=gen))
+            for t, (i, o) in targets.items()
+        }
+        for _ in range(cfg.n_layers)
+    ]
+    merge_mlp_into(ours, layers, 0.5)
+    reference.merge_mlp_into(theirs, layers, 0.5)
+    assert all(
+        torch.allclose(v, theirs.state_dict()[k], atol=1e-6) for k, v in ours.state_dict().items()
+    )

@@ -28,11 +28,11 @@ from lora_rlhf.checks.reference import (
     close,
     max_diff,
     merge_into,
+    merge_mlp_into,
     merged_model,
     seeded,
     seeded_tokens,
 )
-from lora_rlhf.merge import merge_mlp_into
 from lora_rlhf.models import load_model
 from lora_rlhf.models.registry import tiny_config
 

@@ -121,6 +121,21 @@ def merge_into(model: HookedTransformer, layers: list[dict], scaling: float) -> 
     return model
 
 
+@torch.no_grad()
+def merge_mlp_into(
+    model: HookedTransformer, layers: list[dict], scaling: float
+) -> HookedTransformer:
+    """Add scaling·A·B (one instance: A [1, d_in, r], B [1, r, d_out]) to W_in, W_gate and W_out
+    (targets ``mlp_in``, ``mlp_gate``, ``mlp_out``)."""
+    weights = {"mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out"}
+    for i, values in enumerate(layers):
+        for target, (A, B) in values.items():
+            weight = getattr(model.blocks[i].mlp, weights[target])
+            delta = (A.double()[0] @ B.double()[0]) * scaling
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+    return model
+
+
 @functools.lru_cache(maxsize=4)
 def base_model(name: str) -> HookedTransformer:
     """A tiny registry model (deterministic: seeded init), for judges only: never modify it."""

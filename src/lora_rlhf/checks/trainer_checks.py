@@ -24,9 +24,11 @@ SMOKE = dict(
 
 
 def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
-    """The submission's RLHFTrainerLora building the submission's model (the arguments are the
-    library's RLHFArgsLora: a dataclass of settings, which Exercise 4 only extends)."""
-    from lora_rlhf.lora import RLHFArgsLora
+    """The submission's RLHFTrainerLora building the submission's model, with the submission's
+    RLHFArgsLora (given in the exercise file; the library's when a single file leaves it out)."""
+    args_cls = getattr(impl, "RLHFArgsLora", None)
+    if not isinstance(args_cls, type):
+        from lora_rlhf.lora import RLHFArgsLora as args_cls
 
     trainer_cls = impl.RLHFTrainerLora
     if not isinstance(trainer_cls, type):
@@ -35,7 +37,7 @@ def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
     class Trainer(trainer_cls):
         model_class = impl.TransformerWithValueHeadLora
 
-    args = RLHFArgsLora(base_model=model, device=probe_device(), **{**SMOKE, **overrides})
+    args = args_cls(base_model=model, device=probe_device(), **{**SMOKE, **overrides})
     return Trainer(args, show_progress=False)
 
 
