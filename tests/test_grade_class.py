@@ -161,3 +161,15 @@ def test_a_missing_class_folder_is_one_line_with_exit_2(tmp_path, capsys):
     assert cli.main(["grade-class", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere" in err
+
+
+def test_an_out_folder_inside_the_class_folder_is_not_a_student(tmp_path, capsys):
+    (tmp_path / "ann.py").write_text(
+        (FIXTURES.parent.parent / "exercises" / "section2_lora.py").read_text()
+    )
+    out = tmp_path / "grades"
+    for _ in range(2):
+        assert cli.main(["grade-class", str(tmp_path), "--out", str(out)]) == 0
+    assert "1 students (0 graded now)" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / GRADEBOOK).open()))
+    assert [r["student"] for r in rows] == ["ann"]

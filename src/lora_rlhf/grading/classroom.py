@@ -142,11 +142,10 @@ def grade_class(
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise ImplementationError(f"{folder}: no such folder (one file or sub-folder per student)")
-    roster = students(folder)
+    # OUT may live inside DIR: it is not a student
+    roster = {n: p for n, p in students(folder).items() if p.resolve() != out.resolve()}
     if not roster:
         raise ImplementationError(f"{folder}: no submissions (expected .py files or sub-folders)")
-    if out.resolve() in [p.resolve() for p in roster.values()]:
-        raise ImplementationError(f"--out {out}: is one of the submissions; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(roster)))
