@@ -1,4 +1,5 @@
-"""The grader: `lora-rlhf grade [PATH]` scores a submission against every check.
+"""The grader: `lora-rlhf grade [PATH]` scores a submission against every check (`grade-class`
+a whole class, `gradescope-bundle` the Gradescope autograder).
 
 * :mod:`~lora_rlhf.grading.rubric` — points per check and per exercise (total 100).
 * :mod:`~lora_rlhf.grading.static` — before anything runs: syntax errors, tampering, reuse of the
@@ -7,6 +8,10 @@
   pre-imported server, with time and memory limits; :mod:`~lora_rlhf.grading.worker` is the child.
 * :mod:`~lora_rlhf.grading.grader` — the verdicts (judges run in the grading process only).
 * :mod:`~lora_rlhf.grading.reports` — console scorecard, Gradescope ``results.json``, JUnit XML.
+* :mod:`~lora_rlhf.grading.timing` — each check's time limit, from the reference's measured time.
+* :mod:`~lora_rlhf.grading.submissions` — which file of a folder is graded; a class's students.
+* :mod:`~lora_rlhf.grading.classroom` — ``lora-rlhf grade-class``: a class to a CSV gradebook.
+* :mod:`~lora_rlhf.grading.gradescope` — ``lora-rlhf gradescope-bundle``: the autograder zip.
 
 This package is imported by the forked workers too, so it imports nothing heavy at top level.
 """
