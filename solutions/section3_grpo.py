@@ -56,8 +56,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from lora_rlhf import tests_grpo
 from lora_rlhf.args import ArgsError
-from lora_rlhf.checks import grpo_checks
 from lora_rlhf.lora import RLHFArgsLora, RLHFTrainerLora, TransformerWithValueHeadLora
 from lora_rlhf.memory import lean_heap, release_freed_memory
 from lora_rlhf.ppo import calc_entropy_bonus, calc_kl_penalty, get_logprobs
@@ -111,7 +111,7 @@ def group_advantages(
 
 # %%
 if __name__ == "__main__":
-    grpo_checks.testing_group_advantages(group_advantages)
+    tests_grpo.testing_group_advantages(group_advantages)
 
 # %% [markdown]
 # ## Exercise G2 — the per-token KL estimator k3
@@ -142,7 +142,7 @@ def calc_kl_k3(
 
 # %%
 if __name__ == "__main__":
-    grpo_checks.testing_kl_k3(calc_kl_k3)
+    tests_grpo.testing_kl_k3(calc_kl_k3)
 
 # %% [markdown]
 # ## Exercise G3 — the GRPO objective
@@ -185,7 +185,7 @@ def calc_grpo_objective(
 
 # %%
 if __name__ == "__main__":
-    grpo_checks.testing_grpo_objective(calc_grpo_objective)
+    tests_grpo.testing_grpo_objective(calc_grpo_objective)
 
 # %% [markdown]
 # ## Exercise G4 — `GRPOTrainerLora`
@@ -366,4 +366,4 @@ class GRPOTrainerLora(RLHFTrainerLora):
 
 # %%
 if __name__ == "__main__":
-    grpo_checks.testing_grpo_trainer(GRPOTrainerLora)
+    tests_grpo.testing_grpo_trainer(GRPOTrainerLora)

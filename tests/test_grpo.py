@@ -315,3 +315,11 @@ def test_every_exercise_stub_names_its_exercise():
     for exercise in ("group_advantages", "calc_kl_k3", "calc_grpo_objective", "GRPOTrainerLora"):
         assert f'NotImplementedError("Exercise {exercise}' in stubs
     assert "delta.exp() - delta - 1" not in stubs and "use_value_head=False," not in stubs
+
+
+@pytest.mark.parametrize("kind", ["solutions", "exercises"])
+def test_the_generated_files_pass_the_graders_tampering_scan(kind):
+    from lora_rlhf.grading import static
+
+    assert static.scan(ROOT / kind / "section3_grpo.py").tampering == []
+
