@@ -32,10 +32,11 @@ SETUP_SH = """\
 # (torch as a CPU build: the grader runs tiny models on the CPU) into a virtual environment.
 set -euo pipefail
 ROOT="${AUTOGRADER_ROOT:-/autograder}"
-PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -m venv --help >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+if [ -z "${PYTHON:-}" ] && command -v apt-get >/dev/null; then
+    # Ubuntu's python3 creates virtual environments only with python3-venv installed
     apt-get install -y python3 python3-venv python3-pip
 fi
+PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m venv "$ROOT/venv"
 "$ROOT/venv/bin/python" -m pip install --upgrade pip
 "$ROOT/venv/bin/python" -m pip install --extra-index-url {torch_index} "$ROOT/source/lora_rlhf"
