@@ -49,6 +49,12 @@ class GRPOTrainer(GRPOTrainerLora):
     def __init__(self, args: RLHFArgsLora, **kwargs: Any) -> None:
         super().__init__(grpo_args(args), **kwargs)
 
+    @classmethod
+    def command_args(cls, args: RLHFArgsLora) -> GRPOArgsLora:
+        """The command's arguments as this trainer takes them, checked before a model is loaded
+        (ArgsError when the batch cannot be split into groups)."""
+        return grpo_args(args)
+
     def learning_phase(self, memory: GroupMemory) -> None:
         controller = getattr(self, "kl_controller", None)
         if controller is None:

@@ -1,0 +1,91 @@
+"""The optional bonus of `lora-rlhf grade`: the GRPO section (``section3_grpo.py``).
+
+Graded as Section 2 is — a syntax check, the tampering scan, the probes in sandboxed workers, every
+verdict reached here by the checks' judges (:mod:`lora_rlhf.checks.grpo_checks`) — but kept apart:
+its points come on top of Section 2's 100 and its maximum is not part of the report's. A submission
+without a GRPO file has no bonus (nothing is run, nothing is reported); one that imports the
+library's own GRPO code (``lora_rlhf.grpo``, ``lora_rlhf.grpo_trainer``) scores no bonus points.
+"""
+
+from __future__ import annotations
+
+import ast
+import tempfile
+from pathlib import Path
+
+from lora_rlhf.authoring import definitions
+from lora_rlhf.checks.grpo_checks import GRPO_EXERCISES, GRPO_FILE, grpo_checks_for
+from lora_rlhf.grading import sandbox, static
+from lora_rlhf.grading.sandbox import Limits, Outcome
+
+LIBRARY_GRPO = ("lora_rlhf.grpo", "lora_rlhf.grpo_trainer")
+
+
+def bonus_file(submission: str | Path) -> Path | None:
+    """The submission's GRPO file: ``section3_grpo.py`` in a submission folder (at the top, or
+    the only one below), or a single-file submission that defines a GRPO exercise; else None."""
+    path = Path(submission)
+    if path.is_dir():
+        if (path / GRPO_FILE).is_file():
+            return path / GRPO_FILE
+        found = [p for p in path.rglob(GRPO_FILE) if p.is_file() and "__MACOSX" not in p.parts]
+        return found[0] if len(found) == 1 else None
+    if path.suffix != ".py" or not path.is_file():
+        return None
+    try:
+        defined = definitions(path.read_text(errors="replace"))
+    except (SyntaxError, ValueError):
+        return None
+    return path if defined & set(GRPO_EXERCISES) else None
+
+
+def imports_library_grpo(path: Path) -> int | None:
+    """The line of the first import of the library's GRPO code (the reference solution), or None."""
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        if any(n == m or n.startswith(m + ".") for n in names for m in LIBRARY_GRPO):
+            return node.lineno
+    return None
+
+
+def grade_bonus(submission: str | Path, limits: Limits | None = None) -> tuple[list, list[str]]:
+    """``(results, notes)`` of the GRPO checks for a submission (``([], [])`` without a GRPO
+    file): one CheckResult per check, in the bonus rubric's order."""
+    from lora_rlhf.grading.grader import _failed, _verdict
+
+    path = bonus_file(submission)
+    if path is None:
+        return [], []
+    path = path.resolve()
+    limits = limits or Limits()
+    checks = grpo_checks_for()
+    problem = static.syntax_error(path)
+    if problem:
+        note = f"Bonus (GRPO): {path.name} does not compile: {problem}"
+        return [_failed(c, f"syntax error: {problem}") for c in checks], [note]
+    scan = static.scan(path)
+    if scan.tampering:
+        first = scan.tampering[0]
+        message = f"tampering ({path.name} line {first.line}: {first.message}): no points"
+        note = f"Bonus (GRPO): no points for tampering ({path.name} line {first.line}: {first.message})"
+        return [_failed(c, message) for c in checks], [note]
+    line = imports_library_grpo(path)
+    if line is not None:
+        message = f"no points: {path.name} line {line} imports the library's GRPO solution"
+        return [_failed(c, message) for c in checks], [f"Bonus (GRPO): {message}"]
+
+    results: dict[str, object] = {}
+    by_name = {c.name: c for c in checks}
+
+    def emit(outcome: Outcome) -> None:
+        results[outcome.check] = _verdict(by_name[outcome.check], outcome, limits)
+
+    sandbox.start_server()
+    with tempfile.TemporaryDirectory(prefix="lora-rlhf-grade-bonus-") as scratch:
+        sandbox.run_probes(path, list(by_name), limits, emit, Path(scratch))
+    return [results.get(c.name) or _failed(c, "not graded") for c in checks], []
