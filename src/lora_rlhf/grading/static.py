@@ -48,7 +48,7 @@ def syntax_error(path: Path) -> str | None:
 @functools.cache
 def _install_cell() -> str:
     """``lora_rlhf.authoring.INSTALL_CELL``, read from the module's source: importing authoring
-    would import jupytext and nbformat, most of a second on the grading's critical path."""
+    would import jupytext and nbformat, on the grading's critical path."""
     spec = importlib.util.find_spec("lora_rlhf.authoring")
     if spec is None or spec.origin is None:
         return ""
