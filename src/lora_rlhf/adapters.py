@@ -382,6 +382,7 @@ def load_lora_model(
     ``TransformerWithValueHeadLora``.
     """
     config = read_adapter_config(path)
+    read_adapter_weights(path)  # a damaged file stops here, before the base model is loaded
     if any(t in MLP_TARGETS for t in config["targets"]):
         from lora_rlhf.mlp_lora import TransformerWithValueHeadMlpLora as model_class
     else:
