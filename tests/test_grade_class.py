@@ -173,3 +173,7 @@ def test_an_out_folder_inside_the_class_folder_is_not_a_student(tmp_path, capsys
     assert "1 students (0 graded now)" in capsys.readouterr().out
     rows = list(csv.DictReader((out / GRADEBOOK).open()))
     assert [r["student"] for r in rows] == ["ann"]
+    record = json.loads((out / "ann" / "grade.json").read_text())
+    (out / "ann" / "grade.json").write_text(json.dumps({**record, "rubric": "an older rubric"}))
+    assert cli.main(["grade-class", str(tmp_path), "--out", str(out)]) == 0
+    assert "1 students (1 graded now)" in capsys.readouterr().out  # graded against today's

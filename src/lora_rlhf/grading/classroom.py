@@ -8,8 +8,8 @@ one fork server, which saves each student the import of torch.
 
 ``OUT/<student>/`` receives ``results.json`` (Gradescope's format), ``junit.xml`` and
 ``grade.json`` (what was graded: the submission's fingerprint, score, notes); ``OUT/gradebook.csv``
-holds one row per student. A student whose submission has not changed since its ``grade.json``
-was written is not graded again, unless `regrade` is set.
+holds one row per student. A student whose submission (and the rubric) has not changed since its
+``grade.json`` was written is not graded again, unless `regrade` is set.
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+def rubric_fingerprint() -> str:
+    """Changes when a check is added, removed or re-weighted: earlier grades are then stale."""
+    from lora_rlhf.grading.rubric import rubric
+
+    text = ";".join(f"{c.name}:{c.points:g}" for cs in rubric().values() for c in cs)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _not_graded(submission: Path, message: str) -> GradeReport:
     """Every check failed with `message` (a submission with nothing to grade)."""
     from lora_rlhf.checks import CheckResult
@@ -73,7 +81,7 @@ def _grade_one(
             record = json.loads(record_path.read_text())
         except (OSError, json.JSONDecodeError):
             record = {}
-        if record.get("sha256") == digest:
+        if record.get("sha256") == digest and record.get("rubric") == rubric_fingerprint():
             return StudentGrade(name, record["score"], record["max_score"], 0.0, skipped=True)
     start = time.monotonic()
     try:
@@ -85,6 +93,7 @@ def _grade_one(
         "student": name,
         "submission": str(path),
         "sha256": digest,
+        "rubric": rubric_fingerprint(),
         "score": report.score,
         "max_score": report.max_score,
         "notes": report.notes,
