@@ -125,3 +125,10 @@ def test_no_checks_module_imports_library_code_under_test_at_module_level():
             for a in n.names
         }
         assert not {m for m in imported if m and m.startswith(UNDER_TEST)}, path.name
+
+
+@pytest.mark.parametrize("check", GRADIENT_CHECKS)
+def test_the_gradient_checks_pass_the_reference_on_every_device(check, device):
+    """Probes on cuda (float32, its own kernels) against the float64 CPU reference."""
+    result = run_check(CHECKS[check], load_impl("library"), device=device)
+    assert result.passed, result.message
