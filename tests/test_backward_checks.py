@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from backward_mutants import MUTANTS, VARIANTS
+from backward_mutants import COURSE_SUBMISSION, MUTANTS, VARIANTS
 
 from lora_rlhf.checks import CHECKS, backward_checks, checks_for, run_check
 from lora_rlhf.checks.reference import ALPHA, RANK, adaptor_values, merge_into
@@ -132,3 +132,18 @@ def test_the_gradient_checks_pass_the_reference_on_every_device(check, device):
     """Probes on cuda (float32, its own kernels) against the float64 CPU reference."""
     result = run_check(CHECKS[check], load_impl("library"), device=device)
     assert result.passed, result.message
+
+
+def test_a_model_run_under_no_grad_fails_the_model_gradient_check_saying_so(tmp_path):
+    path = tmp_path / "no_grad_model.py"
+    path.write_text(
+        COURSE_SUBMISSION.read_text()
+        + "\n\nclass TransformerWithValueHeadLora(TransformerWithValueHeadLora):\n"
+        "    def forward_with_value_head(self, tokens):\n"
+        "        with torch.no_grad():\n"
+        "            return super().forward_with_value_head(tokens)\n"
+    )
+    impl = load_impl(path)
+    assert run_check(CHECKS["model_forward_with_value_head"], impl).passed
+    result = run_check(CHECKS["model_gradients"], impl)
+    assert not result.passed and "torch.no_grad()" in result.message

@@ -75,6 +75,16 @@ def _set_value_head(model) -> None:
             param.copy_(weights[name].to(param.dtype))
 
 
+def _backward(loss: Tensor, where: str) -> None:
+    if not loss.requires_grad:
+        raise CheckFailed(
+            f"{where} gives logits and values that do not require grad: no gradient can reach "
+            "the adaptors (is something run under torch.no_grad() or torch.inference_mode(), "
+            "or detached?)"
+        )
+    loss.backward()
+
+
 def _grads(lora_layers) -> dict[str, Tensor | None]:
     """``{"layer 0 lora_q.A": grad or None, ...}``: every adaptor parameter's gradient."""
     out = {}
@@ -106,7 +116,7 @@ def _probe_hooks(impl, name: str) -> dict:
     tokens = _tokens(model.cfg.d_vocab)
     with model.hooks(fwd_hooks=[*hooks, model.value_head_hook]):
         logits = model(tokens)
-    loss_of(logits, model.value_head_output, tokens).backward()
+    _backward(loss_of(logits, model.value_head_output, tokens), f"{name} with the LoRA hooks")
     return {"grads": _grads(layers)}
 
 
@@ -124,7 +134,7 @@ def _probe_model(impl, name: str) -> dict:
     _set_value_head(model)
     tokens = _tokens(model.cfg.d_vocab)
     logits, values = model.forward_with_value_head(tokens)
-    loss_of(logits, values, tokens).backward()
+    _backward(loss_of(logits, values, tokens), "forward_with_value_head")
     return {"grads": _grads(lora)}
 
 
