@@ -517,3 +517,35 @@ def test_the_install_cell_of_the_generated_files_is_not_tampering_but_using_it_i
     assert finding == line_of(path.read_text(), "subprocess.run(['true'])")
     path.write_text("import math\n" + INSTALL_CELL.replace("--quiet", "--verbose"))
     assert static.scan(path).tampering  # only the cell word for word is the course's own
+
+
+# --------------------------------------------------------------------------------------------
+# Which file is graded
+def test_a_notebook_is_graded_as_its_script(tmp_path):
+    from lora_rlhf.grading import grade
+
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    shutil.copy(ROOT / "solutions" / "section2_lora.ipynb", folder / "my_work.ipynb")
+    report = grade(folder, checks=["lora_forward_formula", "hooks_gradients_tiny_llama"])
+    assert report.score == report.max_score > 0, [r.message for r in report.results]
+    assert report.submission == str((folder / "my_work.ipynb").resolve())
+
+
+def test_a_folder_gives_its_section2_file_or_its_only_python_file(tmp_path):
+    from lora_rlhf.grading.submissions import students, submission_file
+    from lora_rlhf.impl import ImplementationError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "lab.py").write_text("")
+    (tmp_path / "a" / "lab.ipynb").write_text("{}")
+    assert submission_file(tmp_path / "a").name == "lab.py"
+    (tmp_path / "a" / "other.py").write_text("")
+    with pytest.raises(ImplementationError, match="2 candidate files"):
+        submission_file(tmp_path / "a")
+    (tmp_path / "a" / "nested").mkdir()
+    (tmp_path / "a" / "nested" / "section2_lora.py").write_text("")
+    assert submission_file(tmp_path / "a").parts[-2:] == ("nested", "section2_lora.py")
+    (tmp_path / "bo.ipynb").write_text("{}")
+    (tmp_path / "bo.py").write_text("")
+    assert students(tmp_path) == {"a": tmp_path / "a", "bo": tmp_path / "bo.py"}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lora_rlhf.grading import sandbox, static
 from lora_rlhf.grading.sandbox import Limits, Outcome
-from lora_rlhf.grading.submissions import submission_file
+from lora_rlhf.grading.submissions import NOTEBOOK, notebook_as_script, submission_file
 
 __all__ = ["GradeReport", "Limits", "grade"]
 
@@ -110,6 +110,11 @@ def grade(
     limits = limits or Limits()
     start = time.monotonic()
     path = submission_file(submission).resolve()
+    if path.suffix == NOTEBOOK:  # graded as its script
+        with tempfile.TemporaryDirectory(prefix="lora-rlhf-notebook-") as folder:
+            report = grade(notebook_as_script(path, Path(folder)), limits, checks)
+        report.submission = str(path)
+        return report
     problem = static.syntax_error(path)
     if problem is None:
         sandbox.start_server()  # imports torch in the background while this process does too
