@@ -97,13 +97,18 @@ def main(argv: list[str] | None = None) -> dict:
     result["build_seconds"] = time.perf_counter() - start
     result["rss_after_build_mb"] = _rss_mb()
     result["peak_after_build_mb"] = _peak_rss_mb()  # the peak of loading the model(s)
-    phases = [trainer.run_phase() for _ in range(opts.phases)]
+    phases, cpu_seconds = [], []
+    for _ in range(opts.phases):
+        start = time.process_time()
+        phases.append(trainer.run_phase())
+        cpu_seconds.append(time.process_time() - start)
     if cuda:
         torch.cuda.synchronize()
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["peak_rss_mb"] = _peak_rss_mb()
     result["ru_maxrss_mb"] = _ru_maxrss_mb()
     result["phase_seconds"] = [m["phase_seconds"] for m in phases]
+    result["phase_cpu_seconds"] = cpu_seconds  # this process's CPU time: steadier when shared
     result["rollout_seconds"] = [m["rollout_seconds"] for m in phases]
 
     def _numel(params) -> int:  # each tensor once (a tied W_U holds W_E's numbers)

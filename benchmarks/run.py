@@ -97,6 +97,7 @@ def run_forward(opts, meta: dict) -> dict:
         repeats=opts.repeats,
         warmup=1,
         synchronize=sync,
+        clock=time.process_time if opts.clock == "cpu" else time.perf_counter,
         on_round=lambda r: _log(
             f"  round {r + 1}/{opts.repeats} ({time.perf_counter() - start:.0f} s)"
         ),
@@ -224,6 +225,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=min(2, _cpus()),
         help="torch.set_num_threads for every measurement (default: 2, or the CPUs if fewer)",
     )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what the in-process timings and the fast-vs-teaching phase row read: the wall clock "
+        "(default) or this process's CPU time (steadier on a shared machine; with --threads 1)",
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=24)
@@ -276,6 +284,7 @@ def collect_meta(opts, argv: list[str] | None = None) -> dict:
         "rank": opts.rank,
         "alpha": opts.alpha,
         "repeats": opts.repeats,
+        "clock": opts.clock,
         "command": " ".join(["python benchmarks/run.py", shlex.join(args)]).strip(),
         "load_samples": [_load()],
     }
@@ -285,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(argv)
     import torch
 
+    if opts.device.startswith("cuda") and opts.clock == "cpu":
+        raise SystemExit("benchmarks/run.py: --clock cpu times the CPU, not a GPU's work")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(
             f"benchmarks/run.py: --device {opts.device}: no CUDA device here (torch "

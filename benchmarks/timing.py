@@ -36,8 +36,11 @@ def time_interleaved(
     warmup: int = 1,
     synchronize: Callable[[], None] = lambda: None,
     on_round: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Wall-clock seconds of each case, ``repeats`` times each, in rotating round-robin order.
+    """Seconds of each case by ``clock`` (wall clock; ``time.process_time`` counts only this
+    process's CPU time, steadier on a shared machine with one thread), ``repeats`` times each, in
+    rotating round-robin order.
 
     The garbage collector runs between rounds, never inside a timed call (tensors are freed by
     reference counting anyway). ``synchronize`` waits for queued
@@ -57,10 +60,10 @@ def time_interleaved(
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 synchronize()
-                start = time.perf_counter()
+                start = clock()
                 cases[name]()
                 synchronize()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
             gc.enable()
             if on_round is not None:
                 on_round(r)

@@ -185,3 +185,20 @@ def test_the_fast_paths_phase_time_is_set_against_the_teaching_classes_of_the_sa
     phase["fast"][0]["phase_seconds"][-1] = 10 * phase["lora"][0]["phase_seconds"][-1]
     phase["fast"][1]["phase_seconds"][-1] = 10 * phase["lora"][1]["phase_seconds"][-1]
     assert "**missed**" in report.summary_table({"cpu": results}).split("phase time, fast")[1]
+    # With --clock cpu the row reads this process's CPU time, and shows the wall clock beside it.
+    results["meta"]["clock"] = "cpu"
+    for name, cpu in (("lora", 10.0), ("fast", 8.0)):
+        for process in phase[name]:
+            process["phase_cpu_seconds"] = [cpu + 1, cpu]
+    block = report.render_devices({"cpu": results})
+    row = next(line for line in block.splitlines() if "default run's phase time" in line)
+    assert "| ≤ 0.85× | 0.800× — met |" in row
+    row = next(line for line in block.splitlines() if "(`--impl library`)" in line)
+    assert "**0.800×** (CPU time)" in row and "CPU 8.00 s vs 10.00 s" in row and "wall " in row
+    assert "timed by this process's **CPU time** (`--clock cpu`)" in block
+
+
+def test_the_clock_can_be_this_processs_cpu_time():
+    ticks = iter(range(0, 100, 3))
+    times = time_interleaved({"a": lambda: None}, repeats=2, warmup=0, clock=lambda: next(ticks))
+    assert times == {"a": [3, 3]}
