@@ -241,7 +241,7 @@ def probe_lora_dtype(impl):
     except RuntimeError as exc:
         raise CheckFailed(
             f"Lora(dtype=torch.float64) failed on a float32 input ({exc}): cast x to "
-            "self.dtype before multiplying"
+            "the parameters' dtype (A.dtype) before multiplying"
         ) from None
     return {
         "param_dtypes": [str(p.dtype) for p in lora.parameters()],
