@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,12 @@ def check_lora_settings(lora_alpha: float, **sizes: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not lora_alpha > 0:
         raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+
+
+# %% tags=["parameters"]
+# The model the smoke run at the end trains: the embedded model by default. For a quick run set
+# the environment variable LORA_RLHF_NOTEBOOK_MODEL=tiny-llama, or change it here.
+NOTEBOOK_MODEL = os.environ.get("LORA_RLHF_NOTEBOOK_MODEL", DEFAULT_MODEL)
 
 
 # %% [markdown]
@@ -376,3 +383,27 @@ class RLHFTrainerLora(RLHFTrainer):
         # >>> exercise: RLHFTrainerLora.build_ref_model — no copy: the same model
         return self.model
         # <<< exercise
+
+
+# %% [markdown]
+# **The course's smoke run.** Two short phases with your classes: the KL penalty off, a high
+# learning rate, rewarding full stops. It checks that everything fits together, not that the
+# reward rises (that takes `lora-rlhf train --impl exercises`).
+
+
+# %%
+if __name__ == "__main__":
+    _args = RLHFArgsLora(
+        base_model=NOTEBOOK_MODEL, kl_coef=0.0, total_phases=2, warmup_steps=0, base_lr=1e-3,
+        batch_size=8, num_minibatches=2, gen_len=8,
+    )  # fmt: skip
+    _trainer = RLHFTrainerLora(_args)
+    assert _trainer.ref_model is _trainer.model, (
+        "build_ref_model must return the policy itself: its plain forward is π_ref, no second copy"
+    )
+    _B_before = [p.detach().clone() for p in _trainer.model.lora_params()]
+    _trainer.train()
+    assert any(
+        not torch.equal(p, q) for p, q in zip(_trainer.model.lora_params(), _B_before)
+    ), "two phases of training changed no adaptor parameter: is the optimizer given lora_params()?"
+    print(f"Smoke run on {NOTEBOOK_MODEL} finished: the adaptors trained, one copy of the model.")
