@@ -385,9 +385,9 @@ if __name__ == "__main__":
     assert _trainer.ref_model is _trainer.model, (
         "build_ref_model must return the policy itself: its plain forward is π_ref, no second copy"
     )
-    _B_before = [p.detach().clone() for p in _trainer.model.lora_params()]
+    _params_before = [p.detach().clone() for p in _trainer.model.lora_params()]
     _trainer.train()
     assert any(
-        not torch.equal(p, q) for p, q in zip(_trainer.model.lora_params(), _B_before)
+        not torch.equal(p, q) for p, q in zip(_trainer.model.lora_params(), _params_before)
     ), "two phases of training changed no adaptor parameter: is the optimizer given lora_params()?"
     print(f"Smoke run on {NOTEBOOK_MODEL} finished: the adaptors trained, one copy of the model.")

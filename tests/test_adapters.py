@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,23 @@ def test_a_peft_folder_is_refused_with_a_pointer_to_peft(tmp_path):
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(AdapterMismatchError, match="PeftModel.from_pretrained"):
         read_adapter_config(tmp_path)
+
+
+def test_a_student_lora_that_names_its_scale_otherwise_saves_and_loads(tmp_path):
+    """α is read from the adaptor's own forward when its class keeps no `scaling`/`lora_alpha`."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mutants import VARIANTS
+
+    from lora_rlhf.adapters import scaling_of
+    from lora_rlhf.impl import load_impl
+
+    variant = next(v for v in VARIANTS if v.name == "own_attribute_names")
+    impl = load_impl(variant.write(tmp_path))
+    model = impl.TransformerWithValueHeadLora.from_pretrained("tiny-llama", lora_alpha=8, rank=4)
+    lora_q = model.lora[0].lora_q
+    assert not hasattr(lora_q, "scaling") and not hasattr(lora_q, "lora_alpha")
+    assert scaling_of(lora_q) == 8 / 4
+    save_adapter(model, tmp_path / "adapter")
+    assert read_adapter_config(tmp_path / "adapter")["lora_alpha"] == 8

@@ -97,9 +97,15 @@ def lora_targets(model: nn.Module) -> tuple[str, ...]:
 
 
 def scaling_of(lora: nn.Module) -> float:
-    """α/r of one ``Lora``."""
-    scaling = getattr(lora, "scaling", None)
-    return float(scaling) if scaling is not None else float(lora.lora_alpha) / lora.rank
+    """α/r of one ``Lora``: kept as ``scaling`` or ``lora_alpha``, else measured (a student's
+    class may name them as it likes)."""
+    from lora_rlhf.fast import measure_scaling
+
+    if getattr(lora, "scaling", None) is not None:
+        return float(lora.scaling)
+    if getattr(lora, "lora_alpha", None) is not None:
+        return float(lora.lora_alpha) / lora.A.shape[-1]
+    return measure_scaling(lora)
 
 
 def adaptor_values(model: nn.Module) -> list[dict[str, tuple[Tensor, Tensor, float]]]:

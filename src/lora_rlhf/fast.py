@@ -329,21 +329,29 @@ def _check_fwd_hooks_read_lora_fwd_hooks(model, fast_hooks, teaching) -> None:
         )
 
 
-@torch.inference_mode(False)
 def _check_scale(lora: nn.Module, scale: float, lora_alpha: float) -> None:
-    """Refuse an α that does not match the adaptor's own forward. Measured through the gradient
-    with respect to B, `d Σ lora(x) / dB = (α/r)·(x A)ᵀ·1`, which needs no non-zero B."""
-    A, B = lora.A, lora.B
-    if not B.requires_grad:
-        return
-    x = torch.linspace(-1, 1, A.shape[1], dtype=A.dtype, device=A.device).expand(1, 1, -1)
-    with torch.enable_grad():
-        (grad_B,) = torch.autograd.grad(lora(x).sum(), B)
-    with torch.no_grad():
-        x_a = torch.einsum("d,idr->ir", x[0, 0].double(), A.double())
-        measured = float((grad_B[..., 0].double() * x_a).sum() / (x_a * x_a).sum())
+    """Refuse an α that does not match the adaptor's own forward."""
+    measured = measure_scaling(lora)
     if abs(measured - scale) > 1e-3 * abs(scale):
         raise ValueError(
             f"fast_lora: lora_alpha={lora_alpha:g} gives α/r = {scale:g}, but the adaptors scale "
             f"(x A) B by {measured:.6g}: pass the lora_alpha the model was built with"
         )
+
+
+@torch.inference_mode(False)
+def measure_scaling(lora: nn.Module) -> float:
+    """α/r of one adaptor, measured from its own forward: a student's `Lora` may keep α and r
+    under any names. Through the gradient with respect to B, `d Σ lora(x) / dB = (α/r)·(x A)ᵀ·1`,
+    which needs no non-zero B (and leaves the adaptor's own parameters untouched)."""
+    A = lora.A.detach()
+    B = lora.B.detach().clone().requires_grad_(True)
+    x = torch.linspace(-1, 1, A.shape[1], dtype=A.dtype, device=A.device).expand(1, 1, -1)
+    with torch.enable_grad():
+        out = torch.func.functional_call(lora, {"A": A, "B": B}, (x,))
+        (grad_B,) = torch.autograd.grad(out.sum(), B)
+    with torch.no_grad():
+        x_a = torch.einsum("d,idr->ir", x[0, 0].double(), A.double())
+        measured = float((grad_B[..., 0].double() * x_a).sum() / (x_a * x_a).sum())
+    # to 6 significant digits: float32's rounding would otherwise show in a saved α (7.9999999)
+    return float(f"{measured:.6g}")

@@ -96,7 +96,9 @@ def run_probe(check_: Check, impl: Any, device: str = "cpu") -> Outputs:
     """Run the probe on `device`; an exception from the code under test becomes a recorded error."""
     missing = missing_names(impl, check_)
     if missing:
-        return {"__failed__": f"not written: the implementation does not define {', '.join(missing)}"}
+        return {
+            "__failed__": f"not written: the implementation does not define {', '.join(missing)}"
+        }
     try:
         with torch.device(device):
             return to_cpu(check_.probe(impl))
