@@ -39,7 +39,8 @@ def _python_files(folder: Path, suffix: str = ".py") -> list[Path]:
 
 def submission_file(spec: str | Path) -> Path:
     """The file to grade for `spec`: the file itself; in a folder, its ``section2_lora.py`` (at
-    the top, or the only one below), else its only ``.py`` file, else its only notebook.
+    the top, or the only one below; its notebook ``section2_lora.ipynb`` instead when that was
+    saved later), else its only ``.py`` file, else its only notebook.
 
     Raises :class:`ImplementationError` (one line, naming the problem) when there is none or more
     than one to choose from.
@@ -50,7 +51,12 @@ def submission_file(spec: str | Path) -> Path:
     if not path.is_dir():
         return resolve_path(spec)
     if (path / EXERCISE_FILE).is_file():
-        return path / EXERCISE_FILE
+        script = path / EXERCISE_FILE
+        notebook = script.with_suffix(NOTEBOOK)
+        # exercises/ holds both: a student who worked in the notebook saved it last
+        if notebook.is_file() and notebook.stat().st_mtime > script.stat().st_mtime:
+            return notebook
+        return script
     files = _python_files(path)
     named = [p for p in files if p.name == EXERCISE_FILE]
     for choice in (named, files):
