@@ -35,9 +35,9 @@ DEFAULTS: dict[str, Any] = {
     "alpha": 32.0,
     "base_lr": 1e-3,
     "head_lr": 1e-3,
-    "kl_coef": 0.05,
-    "kl_target": 0.5,
-    "kl_horizon": 32.0,
+    "kl_coef": 0.15,  # where the adaptive coefficient starts
+    "kl_target": 0.6,  # nats per generated token
+    "kl_horizon": 48.0,  # samples: at most ±1/15 a phase of 16 samples
     "max_grad_norm": 1.0,
     "ent_coef": 0.001,
     "warmup": 2,
