@@ -97,7 +97,8 @@ def finished(tmp_path_factory) -> tuple[Path, str]:
 
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
-        assert train(out, "--reward", "length", phases=6) == 0
+        adaptive = ["--kl-target", "0.05", "--kl-horizon", "16"]
+        assert train(out, "--reward", "length", *adaptive, phases=6) == 0
     return out, console.getvalue()
 
 
