@@ -27,6 +27,9 @@ PRIVATE_MODULES = (
     "lora_rlhf.authoring",
     "lora_rlhf.cli",
     "lora_rlhf.train_cli",
+    "lora_rlhf.train_settings",
+    "lora_rlhf.train_outputs",
+    "lora_rlhf.run_files",
 )
 MISSING = object()
 Env = dict[str, set[str]]  # name → the dotted names it may denote
