@@ -26,7 +26,7 @@ FORWARD_CHECKS = (
     "hooks_merged_tiny_pythia",
     "model_forward_with_value_head",
 )
-UNDER_TEST = ("lora_rlhf.lora", "lora_rlhf.fused", "lora_rlhf.merge", "lora_rlhf.adapters")
+UNDER_TEST = ("lora_rlhf.lora", "lora_rlhf.fast", "lora_rlhf.merge", "lora_rlhf.adapters")
 
 
 @pytest.fixture(scope="module")
