@@ -50,10 +50,11 @@ class GRPOTrainer(GRPOTrainerLora):
         super().__init__(grpo_args(args), **kwargs)
 
     @classmethod
-    def command_args(cls, args: RLHFArgsLora) -> GRPOArgsLora:
-        """The command's arguments as this trainer takes them, checked before a model is loaded
-        (ArgsError when the batch cannot be split into groups)."""
-        return grpo_args(args)
+    def command_args(cls, args: RLHFArgsLora, settings: dict[str, Any]) -> GRPOArgsLora:
+        """The command's arguments as this trainer takes them, with the command's `group_size`
+        and `advantage` settings, checked before a model is loaded (ArgsError when the batch
+        cannot be split into groups)."""
+        return grpo_args(args, settings.get("group_size"), settings.get("advantage"))
 
     def learning_phase(self, memory: GroupMemory) -> None:
         controller = getattr(self, "kl_controller", None)

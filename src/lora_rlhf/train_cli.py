@@ -62,11 +62,18 @@ def _ppo_trainer() -> type:
     return RLHFTrainerLora
 
 
+def _grpo_trainer() -> type:
+    from lora_rlhf.grpo_trainer import GRPOTrainer
+
+    return GRPOTrainer
+
+
 # --algo name -> (one-line description, a function returning the trainer class). Another algorithm
 # registers itself here; its trainer takes RLHFArgsLora and builds the model from ``model_class``,
 # so that --impl can swap in a submission's TransformerWithValueHeadLora.
 ALGOS: dict[str, tuple[str, Callable[[], type]]] = {
     "ppo": ("PPO with a value head (Section 1)", _ppo_trainer),
+    "grpo": ("GRPO, groups of samples and no value head (bonus section)", _grpo_trainer),
 }
 
 
@@ -109,6 +116,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--algo",
         choices=sorted(ALGOS),
         help="the RL algorithm: " + "; ".join(f"{k}: {v[0]}" for k, v in sorted(ALGOS.items())),
+    )
+    opt(
+        what,
+        "--group-size",
+        type=int,
+        help="--algo grpo: samples per group, each other's baseline (divides --batch-size)",
+    )
+    opt(
+        what,
+        "--advantage",
+        choices=("grpo", "rloo"),
+        help="--algo grpo: (reward − group mean) / group std, or reward − mean of the others",
     )
     opt(
         what,
@@ -241,6 +260,13 @@ def prepare(args: argparse.Namespace) -> Plan:
     if settings["impl"] not in ("library", "solutions", "exercises"):
         settings["impl"] = str(Path(settings["impl"]).resolve())  # saved for --resume
     rlhf_args = build_args(settings, args.device, bool(args.wandb), args.wandb_project)
+    if hasattr(trainer_class, "command_args"):  # an algorithm's own arguments (GRPO's groups)
+        try:
+            rlhf_args = trainer_class.command_args(rlhf_args, settings)
+        except ValueError as err:
+            raise UsageError(f"--algo {settings['algo']}: {err}") from None
+    elif args.group_size is not None or args.advantage is not None:
+        raise UsageError("--group-size and --advantage apply to --algo grpo only")
     if args.out:
         out = Path(args.out)
     elif resume is not None:

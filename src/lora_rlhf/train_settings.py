@@ -24,6 +24,8 @@ from typing import Any
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m",
     "algo": "ppo",
+    "group_size": 4,  # --algo grpo
+    "advantage": "grpo",  # --algo grpo
     "reward": "char_count",
     "char": ".",
     "prefix": "This is",
@@ -76,7 +78,7 @@ ARGS_FIELDS = {
 }
 FIELD_FLAGS = {field: "--" + dest.replace("_", "-") for dest, field in ARGS_FIELDS.items()}
 # Options a resumed run must keep: the saved adaptors only fit the same model, rank and alpha.
-FIXED_ON_RESUME = ("model", "rank", "alpha")
+FIXED_ON_RESUME = ("model", "rank", "alpha", "algo")
 DTYPES = ("float32", "bfloat16", "float16")
 KL_FIXED = "off"  # --kl-target off: the course's fixed coefficient
 # A prompt that suits the reward, when --prefix is not given (the others use DEFAULTS["prefix"]).
@@ -158,6 +160,7 @@ def merge_settings(args: argparse.Namespace, resume: ResumePoint | None) -> dict
             rank=resume.config["rank"],
             alpha=float(resume.config["lora_alpha"]),
         )
+        saved.setdefault("algo", "ppo")  # saved before --algo existed
         for key in FIXED_ON_RESUME:
             if key in given and given[key] != saved[key]:
                 raise UsageError(

@@ -17,26 +17,48 @@ from lora_rlhf.authoring import definitions
 from lora_rlhf.checks.grpo_checks import GRPO_EXERCISES, GRPO_FILE, grpo_checks_for
 from lora_rlhf.grading import sandbox, static
 from lora_rlhf.grading.sandbox import Limits, Outcome
+from lora_rlhf.grading.submissions import IGNORED, NOTEBOOK, notebook_as_script
+from lora_rlhf.impl import ImplementationError
 
 LIBRARY_GRPO = ("lora_rlhf.grpo", "lora_rlhf.grpo_trainer")
 
 
 def bonus_file(submission: str | Path) -> Path | None:
     """The submission's GRPO file: ``section3_grpo.py`` in a submission folder (at the top, or
-    the only one below), or a single-file submission that defines a GRPO exercise; else None."""
+    the only one below; its notebook instead when that was saved later, as for Section 2), or a
+    single-file submission (script or notebook) that defines a GRPO exercise; else None."""
     path = Path(submission)
     if path.is_dir():
-        if (path / GRPO_FILE).is_file():
-            return path / GRPO_FILE
-        found = [p for p in path.rglob(GRPO_FILE) if p.is_file() and "__MACOSX" not in p.parts]
-        return found[0] if len(found) == 1 else None
-    if path.suffix != ".py" or not path.is_file():
+        found = [path / GRPO_FILE] if (path / GRPO_FILE).is_file() else []
+        found = found or [p for p in path.rglob(GRPO_FILE) if p.is_file() and _kept(p, path)]
+        if len(found) != 1:
+            notebooks = [p for p in path.rglob(NOTEBOOK_NAME) if p.is_file() and _kept(p, path)]
+            return notebooks[0] if not found and len(notebooks) == 1 else None
+        script, notebook = found[0], found[0].with_suffix(NOTEBOOK)
+        if notebook.is_file() and notebook.stat().st_mtime > script.stat().st_mtime:
+            return notebook
+        return script
+    if path.suffix not in (".py", NOTEBOOK) or not path.is_file():
         return None
     try:
-        defined = definitions(path.read_text(errors="replace"))
-    except (SyntaxError, ValueError):
+        with tempfile.TemporaryDirectory(prefix="lora-rlhf-bonus-") as folder:
+            text = _script(path, Path(folder)).read_text(errors="replace")
+        defined = definitions(text)
+    except (SyntaxError, ValueError, ImplementationError):
         return None
     return path if defined & set(GRPO_EXERCISES) else None
+
+
+NOTEBOOK_NAME = Path(GRPO_FILE).with_suffix(NOTEBOOK).name
+
+
+def _kept(path: Path, root: Path) -> bool:
+    return not any(p in IGNORED or p.startswith(".") for p in path.parts[len(root.parts) :])
+
+
+def _script(path: Path, folder: Path) -> Path:
+    """`path` itself, or for a notebook its code cells as a script in `folder`."""
+    return notebook_as_script(path, folder) if path.suffix == NOTEBOOK else path
 
 
 def imports_library_grpo(path: Path) -> int | None:
@@ -56,13 +78,23 @@ def imports_library_grpo(path: Path) -> int | None:
 def grade_bonus(submission: str | Path, limits: Limits | None = None) -> tuple[list, list[str]]:
     """``(results, notes)`` of the GRPO checks for a submission (``([], [])`` without a GRPO
     file): one CheckResult per check, in the bonus rubric's order."""
+    from lora_rlhf.grading.grader import _failed
+
+    found = bonus_file(submission)
+    if found is None:
+        return [], []
+    with tempfile.TemporaryDirectory(prefix="lora-rlhf-bonus-") as folder:
+        try:
+            path = _script(found.resolve(), Path(folder))
+        except ImplementationError as err:
+            message = f"Bonus (GRPO): {err}"
+            return [_failed(c, str(err)) for c in grpo_checks_for()], [message]
+        return _grade_file(path, limits or Limits())
+
+
+def _grade_file(path: Path, limits: Limits) -> tuple[list, list[str]]:
     from lora_rlhf.grading.grader import _failed, _verdict
 
-    path = bonus_file(submission)
-    if path is None:
-        return [], []
-    path = path.resolve()
-    limits = limits or Limits()
     checks = grpo_checks_for()
     problem = static.syntax_error(path)
     if problem:

@@ -40,6 +40,7 @@ class GradeReport:
     notes: list[str] = field(default_factory=list)  # grading-wide remarks (syntax error, tampering)
     execution_time: float = 0.0
     limits: Limits = field(default_factory=Limits)
+    bonus: list = field(default_factory=list)  # CheckResult of the optional GRPO bonus (.bonus)
 
     @property
     def score(self) -> float:
@@ -48,6 +49,18 @@ class GradeReport:
     @property
     def max_score(self) -> float:
         return round(sum(r.max_points for r in self.results), 6)
+
+    @property
+    def bonus_score(self) -> float:
+        """Optional bonus points, on top of :attr:`score` (whose maximum stays Section 2's)."""
+        return round(sum(r.points for r in self.bonus), 6)
+
+    def bonus_by_exercise(self) -> dict[str, list]:
+        """:attr:`bonus` grouped as :meth:`by_exercise` groups the results, labelled as bonus."""
+        out: dict[str, list] = {}
+        for r in self.bonus:
+            out.setdefault(f"Bonus (GRPO): {r.exercise}", []).append(r)
+        return out
 
     def by_exercise(self) -> dict[str, list]:
         out: dict[str, list] = {}
@@ -110,10 +123,15 @@ def grade(
     limits = limits or Limits()
     start = time.monotonic()
     path = submission_file(submission).resolve()
+    from lora_rlhf.grading.bonus import grade_bonus
+
     if path.suffix == NOTEBOOK:  # graded as its script
         with tempfile.TemporaryDirectory(prefix="lora-rlhf-notebook-") as folder:
             report = grade(notebook_as_script(path, Path(folder)), limits, checks)
         report.submission = str(path)
+        if not report.bonus and checks is None:  # e.g. a folder's section3_grpo.py beside it
+            report.bonus, bonus_notes = grade_bonus(submission, limits)
+            report.notes += bonus_notes
         return report
     problem = static.syntax_error(path)
     if problem is None:
@@ -168,10 +186,12 @@ def grade(
             results.setdefault(c.name, _failed(c, "not graded"))
 
     notes += _not_written(planned, results)
+    bonus, bonus_notes = ([], []) if checks is not None else grade_bonus(submission, limits)
     return GradeReport(
+        bonus=bonus,
         submission=str(path),
         results=[results[c.name] for c in planned],
-        notes=notes,
+        notes=notes + bonus_notes,
         execution_time=time.monotonic() - start,
         limits=limits,
     )

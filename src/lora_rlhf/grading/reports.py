@@ -20,8 +20,9 @@ def _points(x: float) -> str:
 
 def _description(name: str) -> str:
     from lora_rlhf.checks import CHECKS
+    from lora_rlhf.checks.grpo_checks import GRPO_CHECKS
 
-    c = CHECKS.get(name)
+    c = CHECKS.get(name) or GRPO_CHECKS.get(name)
     return c.description if c else ""
 
 
@@ -30,12 +31,17 @@ def _xml_text(text: str) -> str:
     return _NOT_XML.sub("\N{REPLACEMENT CHARACTER}", text)
 
 
+def _bonus_max(report: GradeReport) -> str:
+    return _points(sum(r.max_points for r in report.bonus))
+
+
 def scorecard(report: GradeReport, quiet: bool = False) -> str:
     """Per exercise: every check, passed or failed; for a failure, what the check tests and why it
     failed, in the judge's words."""
     total = (
-        f"Total: {_points(report.score)} / {_points(report.max_score)}   "
-        f"(graded in {report.execution_time:.1f} s)"
+        f"Total: {_points(report.score)} / {_points(report.max_score)}"
+        + (f" + bonus {_points(report.bonus_score)} / {_bonus_max(report)}" if report.bonus else "")
+        + f"   (graded in {report.execution_time:.1f} s)"
     )
     if quiet:
         return total
@@ -43,7 +49,7 @@ def scorecard(report: GradeReport, quiet: bool = False) -> str:
     for note in report.notes:
         lines += [textwrap.indent(note, "! ", lambda _: True), ""]
     indent = " " * 8
-    for exercise, results in report.by_exercise().items():
+    for exercise, results in {**report.by_exercise(), **report.bonus_by_exercise()}.items():
         got, most = sum(r.points for r in results), sum(r.max_points for r in results)
         lines.append(f"{exercise:<48}{_points(got):>5} / {_points(most)}")
         for r in results:
@@ -99,8 +105,23 @@ def gradescope(report: GradeReport, visibility: str = "visible", leaderboard: bo
             f"{exercise}: {_points(sum(r.points for r in results))} / "
             f"{_points(sum(r.max_points for r in results))}"
         )
+    for i, r in enumerate(report.bonus, 1):  # optional: on top of the score's maximum
+        tests.append(
+            {
+                "name": f"Bonus (GRPO) {r.exercise}: {r.name}",
+                "number": f"B.{i}",
+                "score": r.points,
+                "max_score": r.max_points,
+                "status": "passed" if r.passed else "failed",
+                "output": _description(r.name) + ("" if r.passed else f"\n\n{r.message}"),
+                "tags": ["bonus", r.exercise],
+                "visibility": visibility,
+            }
+        )
+    if report.bonus:
+        lines.append(f"Bonus (GRPO): {_points(report.bonus_score)} / {_bonus_max(report)}")
     results = {
-        "score": report.score,
+        "score": round(report.score + report.bonus_score, 6),
         "execution_time": round(report.execution_time, 3),
         "output": "\n".join([*report.notes, *lines]),
         "visibility": "visible",
@@ -112,21 +133,23 @@ def gradescope(report: GradeReport, visibility: str = "visible", leaderboard: bo
             {"name": exercise, "value": round(sum(r.points for r in rs), 6)}
             for exercise, rs in report.by_exercise().items()
         ]
+        if report.bonus:
+            results["leaderboard"].append({"name": "Bonus (GRPO)", "value": report.bonus_score})
     return results
 
 
 def junit(report: GradeReport) -> ET.ElementTree:
     """One <testsuite> per exercise, one <testcase> per check; the points as properties."""
-    failures = sum(not r.passed for r in report.results)
+    failures = sum(not r.passed for r in [*report.results, *report.bonus])
     root = ET.Element(
         "testsuites",
         name="lora-rlhf grade",
-        tests=str(len(report.results)),
+        tests=str(len(report.results) + len(report.bonus)),
         failures=str(failures),
         errors="0",
         time=f"{report.execution_time:.3f}",
     )
-    for exercise, results in report.by_exercise().items():
+    for exercise, results in {**report.by_exercise(), **report.bonus_by_exercise()}.items():
         suite = ET.SubElement(
             root,
             "testsuite",

@@ -31,6 +31,7 @@ import torch
 
 from lora_rlhf.checks import all_checks  # noqa: F401  (registers every check)
 from lora_rlhf.checks.core import CHECKS, run_probe
+from lora_rlhf.checks.grpo_checks import GRPO_CHECKS
 from lora_rlhf.impl import load_module
 
 SEED = 0
@@ -148,7 +149,8 @@ def main(
     sys.path[:] = [p for p in sys.path if p not in ("", ".")]
     torch.set_num_threads(1)  # the grading process judges on the other core meanwhile
     _thread_lock_for_tqdm()
-    probes = {name: CHECKS[name] for name in check_names}  # bound before the submission runs
+    known = {**CHECKS, **GRPO_CHECKS}  # Section 2 and the optional GRPO bonus (.bonus)
+    probes = {name: known[name] for name in check_names}  # bound before the submission runs
     _limit_memory(memory_mb)
 
     def send(kind: str, check: str | None = None, payload: bytes = b"", **extra) -> None:
