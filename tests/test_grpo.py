@@ -322,4 +322,3 @@ def test_the_generated_files_pass_the_graders_tampering_scan(kind):
     from lora_rlhf.grading import static
 
     assert static.scan(ROOT / kind / "section3_grpo.py").tampering == []
-
