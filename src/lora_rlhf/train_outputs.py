@@ -426,7 +426,11 @@ def print_summary(
         (METRICS_FILE, "per-phase metrics"),
         (CURVE_FILE, "reward curve"),
         (SAMPLES_MD, "samples before/after training"),
-        ("adapter.safetensors", "LoRA + value-head weights (config: adapter_config.json)"),
+        (
+            "adapter.safetensors",
+            ("LoRA weights" if plan.settings.get("algo") == "grpo" else "LoRA + value-head weights")
+            + " (config: adapter_config.json)",
+        ),
     ):
         if (out / name).exists():
             print(f"  {out / name}  — {what}")
