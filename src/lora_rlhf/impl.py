@@ -80,3 +80,18 @@ def load_impl(spec: str | Path = "library", require: tuple[str, ...] = REQUIRED)
             f"{path} does not define {', '.join(missing)} (each must be a class)"
         )
     return module
+
+
+def load_section(spec: str | Path, file_name: str, library_module: str) -> ModuleType:
+    """The module of a bonus section under test: ``library`` (the library's `library_module`),
+    ``solutions``, ``exercises``, a folder holding `file_name`, or a ``.py`` file."""
+    if str(spec) == "library":
+        return importlib.import_module(library_module)
+    path = Path(spec)
+    if str(spec) in ("solutions", "exercises") and not path.exists() and repo_root() is not None:
+        path = repo_root() / str(spec)
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise ImplementationError(f"{path}: no such file (this section lives in {file_name})")
+    return load_module(path)

@@ -43,14 +43,21 @@ class Check:
 CHECKS: dict[str, Check] = {}
 
 
-def check(exercise: str, points: float, needs: tuple[str, ...] = ()):
-    """Register a check: decorate the probe, then attach the judge with ``@probe.judge``."""
+def check(
+    exercise: str,
+    points: float,
+    needs: tuple[str, ...] = (),
+    registry: dict[str, Check] | None = None,
+):
+    """Register a check: decorate the probe, then attach the judge with ``@probe.judge``.
+    A bonus section passes its own `registry`, keeping its checks out of the 100 points."""
+    registry = CHECKS if registry is None else registry
 
     def register(probe: Callable[[Any], Outputs]):
         name = probe.__name__.removeprefix("probe_")
 
         def set_judge(judge: Callable[[Outputs], None]):
-            CHECKS[name] = Check(
+            registry[name] = Check(
                 name=name,
                 exercise=exercise,
                 points=points,

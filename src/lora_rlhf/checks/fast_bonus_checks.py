@@ -43,20 +43,9 @@ def fast_checks_for(exercise: str | None = None) -> list[Check]:
 def load_fast_impl(spec: str | Path = "library") -> ModuleType:
     """The module under test: ``library``, ``solutions``, ``exercises``, a folder holding
     ``bonus_fast_lora.py``, or a ``.py`` file."""
-    from lora_rlhf.impl import ImplementationError, load_module, repo_root
+    from lora_rlhf.impl import load_section
 
-    if str(spec) == "library":
-        from lora_rlhf import fast_lora_bonus
-
-        return fast_lora_bonus
-    path = Path(spec)
-    if str(spec) in ("solutions", "exercises") and not path.exists() and repo_root() is not None:
-        path = repo_root() / str(spec)
-    if path.is_dir():
-        path = path / FAST_FILE
-    if not path.is_file():
-        raise ImplementationError(f"{path}: no such file (the bonus lives in {FAST_FILE})")
-    return load_module(path)
+    return load_section(spec, FAST_FILE, "lora_rlhf.fast_lora_bonus")
 
 
 def fast_check(exercise: str, probe, needs: tuple[str, ...] | None = None):

@@ -17,7 +17,7 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
-from lora_rlhf.checks.core import Check, CheckFailed, expect
+from lora_rlhf.checks.core import Check, CheckFailed, check, expect
 from lora_rlhf.checks.reference import (
     ALPHA,
     RANK,
@@ -40,26 +40,7 @@ BONUS = True  # these points are optional: they come on top of Section 2's 100
 
 def grpo_check(exercise: str, points: float, needs: tuple[str, ...] = ()):
     """Register a GRPO check (probe, then ``@probe.judge``) into GRPO_CHECKS only."""
-
-    def register(probe):
-        name = probe.__name__.removeprefix("probe_")
-
-        def set_judge(judge):
-            GRPO_CHECKS[name] = Check(
-                name=name,
-                exercise=exercise,
-                points=points,
-                description=(probe.__doc__ or "").strip().splitlines()[0],
-                probe=probe,
-                judge=judge,
-                needs=needs or (exercise,),
-            )
-            return judge
-
-        probe.judge = set_judge
-        return probe
-
-    return register
+    return check(exercise, points, needs, registry=GRPO_CHECKS)
 
 
 def grpo_checks_for(exercise: str | None = None) -> list[Check]:
@@ -69,20 +50,9 @@ def grpo_checks_for(exercise: str | None = None) -> list[Check]:
 def load_grpo_impl(spec: str | Path = "library") -> ModuleType:
     """The module whose GRPO code is under test: ``library``, ``solutions``, ``exercises``, a
     folder holding ``section3_grpo.py``, or a ``.py`` file."""
-    from lora_rlhf.impl import ImplementationError, load_module, repo_root
+    from lora_rlhf.impl import load_section
 
-    if str(spec) == "library":
-        from lora_rlhf import grpo
-
-        return grpo
-    path = Path(spec)
-    if str(spec) in ("solutions", "exercises") and not path.exists() and repo_root() is not None:
-        path = repo_root() / str(spec)
-    if path.is_dir():
-        path = path / GRPO_FILE
-    if not path.is_file():
-        raise ImplementationError(f"{path}: no such file (the GRPO bonus lives in {GRPO_FILE})")
-    return load_module(path)
+    return load_section(spec, GRPO_FILE, "lora_rlhf.grpo")
 
 
 # --------------------------------------------------------------------------------------------

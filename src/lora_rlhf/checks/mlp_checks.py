@@ -17,7 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from lora_rlhf.checks.core import CHECKS, Check, CheckFailed, check, expect
+from lora_rlhf.checks.core import Check, CheckFailed, check, expect
 from lora_rlhf.checks.reference import (
     ALPHA,
     RANK,
@@ -45,22 +45,7 @@ BONUS_CHECKS: dict[str, Check] = {}
 
 def bonus_check(exercise: str, needs: tuple[str, ...] = ()):
     """Like :func:`lora_rlhf.checks.core.check` (0 points), registering into BONUS_CHECKS."""
-    register = check(exercise, points=0, needs=needs)
-
-    def wrap(probe):
-        probe = register(probe)
-        set_judge = probe.judge
-        name = probe.__name__.removeprefix("probe_")
-
-        def set_bonus_judge(judge):
-            set_judge(judge)
-            BONUS_CHECKS[name] = CHECKS.pop(name)
-            return judge
-
-        probe.judge = set_bonus_judge
-        return probe
-
-    return wrap
+    return check(exercise, points=0, needs=needs, registry=BONUS_CHECKS)
 
 
 def bonus_checks_for(exercise: str | None = None) -> list[Check]:
@@ -70,20 +55,9 @@ def bonus_checks_for(exercise: str | None = None) -> list[Check]:
 def load_bonus_impl(spec: str | Path = "library") -> ModuleType:
     """The module whose bonus classes are under test: ``library``, ``solutions``, ``exercises``,
     a folder holding ``bonus_mlp_lora.py``, or a ``.py`` file."""
-    from lora_rlhf.impl import ImplementationError, load_module, repo_root
+    from lora_rlhf.impl import load_section
 
-    if str(spec) == "library":
-        from lora_rlhf import mlp_lora
-
-        return mlp_lora
-    path = Path(spec)
-    if str(spec) in ("solutions", "exercises") and not path.exists() and repo_root() is not None:
-        path = repo_root() / str(spec)
-    if path.is_dir():
-        path = path / BONUS_FILE
-    if not path.is_file():
-        raise ImplementationError(f"{path}: no such file (the bonus lives in {BONUS_FILE})")
-    return load_module(path)
+    return load_section(spec, BONUS_FILE, "lora_rlhf.mlp_lora")
 
 
 # --------------------------------------------------------------------------------------------
