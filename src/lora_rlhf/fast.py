@@ -224,14 +224,17 @@ class FastLayer:
             n_inst, d_head, rank = A.shape
             rows = attn_out.numel() // attn_out.shape[-1]
             B_all = B.reshape(n_inst * rank, -1)  # [head·rank, d_model]: Σ_h inside the product
-            if torch.is_grad_enabled():
+            grad = torch.is_grad_enabled()
+            if grad:  # the block diagonal's zeros would cost their share again backwards
                 z_a = torch.bmm(z.reshape(rows, n_inst, d_head).transpose(0, 1), A)
                 z_a = z_a.transpose(0, 1).reshape(rows, n_inst * rank)
-                return attn_out + ((z_a @ B_all) * self.scale).view(attn_out.shape)
-            A_diag = self.kept_outside_autograd("A_o", (A,), _block_diag)
-            z_a = z.reshape(rows, n_inst * d_head) @ A_diag
-            if not attn_out.is_contiguous() or (
-                attn_out.is_inference() and not torch.is_inference_mode_enabled()
+            else:
+                A_diag = self.kept_outside_autograd("A_o", (A,), _block_diag)
+                z_a = z.reshape(rows, n_inst * d_head) @ A_diag
+            if (
+                grad
+                or not attn_out.is_contiguous()
+                or (attn_out.is_inference() and not torch.is_inference_mode_enabled())
             ):
                 return attn_out + ((z_a @ B_all) * self.scale).view(attn_out.shape)
             attn_out.view(rows, -1).addmm_(z_a, B_all, alpha=self.scale)
