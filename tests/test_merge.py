@@ -151,12 +151,12 @@ def test_the_library_merge_equals_the_checks_reference_merge(name):
     """The library's merge is its own code; the checks' reference merge is the oracle."""
     from lora_rlhf.checks.reference import adaptor_values as seeded_values
     from lora_rlhf.checks.reference import merge_into
-    from lora_rlhf.merge import merge_attention_into
+    from lora_rlhf.merge import merge_adaptors_into
     from lora_rlhf.models import load_model
 
     ours, reference = load_model(name, device="cpu"), load_model(name, device="cpu")
     layers = seeded_values(ours.cfg, seed=4, scale=0.3)
-    merge_attention_into(ours, layers, scaling=2.0)
+    merge_adaptors_into(ours, layers, scaling=2.0)
     merge_into(reference, layers, scaling=2.0)
     mine, theirs = ours.state_dict(), reference.state_dict()
     assert mine.keys() == theirs.keys()
@@ -182,7 +182,7 @@ def test_the_library_merge_does_not_import_the_checks():
 @pytest.mark.parametrize("name", MODELS)
 def test_the_library_mlp_merge_equals_the_checks_reference_mlp_merge(name):
     from lora_rlhf.checks import reference
-    from lora_rlhf.merge import merge_mlp_into
+    from lora_rlhf.merge import merge_adaptors_into
     from lora_rlhf.models import load_model
 
     ours, theirs = load_model(name, device="cpu"), load_model(name, device="cpu")
@@ -197,7 +197,7 @@ def test_the_library_mlp_merge_equals_the_checks_reference_mlp_merge(name):
         }
         for _ in range(cfg.n_layers)
     ]
-    merge_mlp_into(ours, layers, 0.5)
+    merge_adaptors_into(ours, layers, 0.5)
     reference.merge_mlp_into(theirs, layers, 0.5)
     assert all(
         torch.allclose(v, theirs.state_dict()[k], atol=1e-6) for k, v in ours.state_dict().items()

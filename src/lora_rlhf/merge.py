@@ -22,16 +22,18 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.components import RMSNorm
 
-from lora_rlhf.adapters import ATTN_TARGETS, MLP_TARGETS, adaptor_values
+from lora_rlhf.adapters import adaptor_values
 from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed_to_embed, unembed_is_tied
 
 MLP_WEIGHTS = {"mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out"}
 
 
-def _attention_weight(model: HookedTransformer, layer: int, target: str) -> Tensor:
-    """The parameter an attention adaptor adapts. With grouped-query attention ``W_K``/``W_V``
-    are n_heads-wide expansions computed on every access; the adaptors (one per key/value head)
+def _adapted_weight(model: HookedTransformer, layer: int, target: str) -> Tensor:
+    """The parameter an adaptor adapts. With grouped-query attention ``W_K``/``W_V`` are
+    n_heads-wide expansions computed on every access; the adaptors (one per key/value head)
     belong to the real weights ``_W_K``/``_W_V``."""
+    if target in MLP_WEIGHTS:
+        return getattr(model.blocks[layer].mlp, MLP_WEIGHTS[target])
     attn = model.blocks[layer].attn
     name = {"q": "W_Q", "k": "W_K", "v": "W_V", "o": "W_O"}[target]
     grouped = getattr(attn, f"_{name}", None)
@@ -39,41 +41,21 @@ def _attention_weight(model: HookedTransformer, layer: int, target: str) -> Tens
 
 
 @torch.no_grad()
-def merge_attention_into(
+def merge_adaptors_into(
     model: HookedTransformer, layers: list[dict[str, tuple[Tensor, Tensor]]], scaling: float
 ) -> HookedTransformer:
-    """Add scaling·A[h]·B[h] to each head's weight (targets ``q/k/v/o``), in place.
+    """Add scaling·A[h]·B[h] to the weight each adaptor adapts, in place.
 
-    A: [heads, d_in, r], B: [heads, r, d_out], one instance per head of the weight it adapts
-    (query heads for W_Q and W_O, key/value heads for _W_K and _W_V). The product is formed in
-    float64, then added in the weight's dtype.
+    A: [inst, d_in, r], B: [inst, r, d_out]: one instance per head of the weight it adapts for
+    ``q/k/v/o`` (query heads for W_Q and W_O, key/value heads for _W_K and _W_V), one for
+    ``mlp_in/mlp_gate/mlp_out`` (W_in, W_gate, W_out). The product is formed in float64, then
+    added in the weight's dtype.
     """
     for i, values in enumerate(layers):
         for target, (A, B) in values.items():
-            weight = _attention_weight(model, i, target)
-            delta = torch.bmm(A.double(), B.double()) * scaling
-            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
-    return model
-
-
-@torch.no_grad()
-def merge_mlp_into(
-    model: HookedTransformer, layers: list[dict[str, tuple[Tensor, Tensor]]], scaling: float
-) -> HookedTransformer:
-    """Add scaling·A·B to W_in, W_gate and W_out (targets ``mlp_in/mlp_gate/mlp_out``), in place.
-
-    The MLP counterpart of :func:`merge_attention_into`; A: [1, d_in, r],
-    B: [1, r, d_out] (one instance).
-    """
-    for i, values in enumerate(layers):
-        mlp = model.blocks[i].mlp
-        for target, weight_name in MLP_WEIGHTS.items():
-            if target not in values:
-                continue
-            A, B = values[target]
-            weight = getattr(mlp, weight_name)
-            delta = torch.einsum("hir,hro->io", A.double(), B.double()) * scaling
-            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            weight = _adapted_weight(model, i, target)
+            delta = torch.bmm(A.double(), B.double()) * scaling  # [inst, d_in, d_out]
+            weight.add_(delta.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
     return model
 
 
@@ -132,12 +114,9 @@ def merge_lora(model: nn.Module) -> HookedTransformer:
     weights; each adaptor's product A·B is formed once, in float64, and added in place.
     """
     merged = _plain_copy(model)
-    attn, mlp = [], []
-    for layer in adaptor_values(model):
-        # Scale B (in float64) so that adaptors with different α/r merge in one call.
-        scaled = {t: (A, B.double() * s) for t, (A, B, s) in layer.items()}
-        attn.append({t: v for t, v in scaled.items() if t in ATTN_TARGETS})
-        mlp.append({t: v for t, v in scaled.items() if t in MLP_TARGETS})
-    merge_attention_into(merged, attn, scaling=1.0)
-    merge_mlp_into(merged, mlp, scaling=1.0)
-    return merged
+    # Scale B (in float64) so that adaptors with different α/r merge in one call.
+    layers = [
+        {t: (A, B.double() * s) for t, (A, B, s) in layer.items()}
+        for layer in adaptor_values(model)
+    ]
+    return merge_adaptors_into(merged, layers, scaling=1.0)
