@@ -273,8 +273,9 @@ def probe_model_generate(impl):
     prompt = _tokens()[:, :4]
     with torch.no_grad():
         cached = model.generate(prompt, use_past_kv_cache=True, **GEN)
+        left = _registered_hooks(model)
         uncached = model.generate(prompt, use_past_kv_cache=False, **GEN)
-    return {"cached": cached, "uncached": uncached}
+    return {"cached": cached, "uncached": uncached, "left": left}
 
 
 @probe_model_generate.judge
@@ -285,6 +286,12 @@ def judge_model_generate(out):
         base = base_model(MODEL).generate(prompt, **GEN)
     expect(not torch.equal(want, base), "internal: the reference adaptors do not change generation")
     cached = out["cached"]
+    # hooks left registered run again (twice over) in the next call: report the leak, not its effect
+    expect(
+        out.get("left", 0) == 0,
+        f"{out.get('left')} hooks are still registered after generate, so the next call runs "
+        "them twice: add hooks only inside `with self.hooks(fwd_hooks=...)`",
+    )
     if not torch.equal(cached, want):
         if torch.equal(cached, base):
             raise CheckFailed(
