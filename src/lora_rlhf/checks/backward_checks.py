@@ -188,13 +188,15 @@ def _why(wrong: dict[str, float], layers: int) -> str:
     if all(not k.startswith(last) for k in wrong):
         return (
             "Only earlier layers' gradients are wrong: the gradient that flows back through a "
-            "later layer's adaptor into its input is lost. Store the activation itself in "
-            "store_hook_attn_normalized (no .detach(), .data or torch.no_grad())"
+            "later layer's adaptor into its input is lost. Use the stored activation itself "
+            "(cache_qkv_in, kept by store_hook_attn_normalized and read by lora_hook_qkv): "
+            "no .detach(), .data or torch.no_grad()"
         )
     if not any(k.startswith(last + "lora_o.") for k in wrong):
         return (
             "lora_o's own gradients are right but the ones that flow back through z are lost: "
-            "store z itself in store_hook_z (no .detach(), .data or torch.no_grad())"
+            "use z itself (cache_z, kept by store_hook_z and read by lora_hook_out): no "
+            ".detach(), .data or torch.no_grad()"
         )
     cut = [k for k, e in wrong.items() if e == NO_GRADIENT]
     if cut:
