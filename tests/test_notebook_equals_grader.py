@@ -71,7 +71,9 @@ ALL_MUTANTS = [*MUTANTS, *backward_mutants.MUTANTS]
 def test_the_notebook_fails_exactly_where_the_grader_takes_points(mutant, tmp_path, capsys):
     impl = load_impl(mutant.write(tmp_path))
     disagree = _disagreements(impl)
-    assert not disagree, f"{mutant.name}: exercise → (grader takes points, notebook fails) {disagree}"
+    assert not disagree, (
+        f"{mutant.name}: exercise → (grader takes points, notebook fails) {disagree}"
+    )
 
 
 def test_a_correct_submission_is_green_everywhere(tmp_path, capsys):
