@@ -5,6 +5,8 @@ judges would reach the same verdicts from the probes' outputs)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import backward_mutants
 import pytest
 from mutants import MUTANTS
@@ -109,3 +111,15 @@ def test_the_first_hooks_cell_shows_the_specific_diagnosis_too(tmp_path):
     text = str(err.value)
     assert "hooks_out_summed" in text and mutant.says in text
     assert text.index("hooks_out_summed") < text.index("hooks_merged_tiny_llama")
+
+
+def test_readme_and_the_grading_doc_quote_the_number_of_mutants_tested():
+    root = Path(__file__).resolve().parents[1]
+    readme, doc = (
+        " ".join((root / p).read_text().split()) for p in ("README.md", "docs/grading.md")
+    )
+    assert f"for each of {len(ALL_MUTANTS)} deliberately broken submissions" in readme
+    assert (
+        f"for each of the {len(ALL_MUTANTS)} mutants of the check-power tests "
+        f"({len(MUTANTS)} in `tests/mutants.py`, {len(backward_mutants.MUTANTS)} backward"
+    ) in doc
