@@ -1,6 +1,6 @@
 """Which file is graded, and what grading leaves behind: a script and its notebook twin are both
-graded and the better kept; an untouched bonus is one line; `lora-rlhf grade` writes report files
-only when asked."""
+graded and the better kept; `lora-rlhf grade` writes report files only when asked (the untouched
+bonus as one line: tests/test_grpo_grading.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from mutants import ROOT
 
 from lora_rlhf import cli
 from lora_rlhf.grading import grade
-from lora_rlhf.grading.bonus import grade_bonus
 from lora_rlhf.grading.reports import scorecard
 from lora_rlhf.grading.submissions import submission_file, twin_files
 
@@ -45,15 +44,6 @@ def test_a_finished_script_beside_a_newer_untouched_notebook_grades_100(tmp_path
     assert "section2_lora.py (100 / 100)" in note and "section2_lora.ipynb (0 / 100)" in note
     assert "kept the better, section2_lora.py" in note
     assert note in scorecard(report)
-
-
-def test_an_untouched_bonus_file_is_one_not_attempted_line(tmp_path):
-    shutil.copy(ROOT / "exercises" / "section3_grpo.py", tmp_path / "section3_grpo.py")
-    results, notes = grade_bonus(tmp_path)
-    assert results == []
-    assert notes == [
-        "Bonus (GRPO): section3_grpo.py not attempted (its exercises are still stubs)."
-    ]
 
 
 def test_grade_leaves_no_file_in_its_folder_unless_asked(tmp_path, monkeypatch, capsys):
