@@ -44,7 +44,7 @@ def _run(checks: list[Check], impl, what: str) -> None:
         raise AssertionError(
             f"{what}: {len(failures)} of {len(checks)} checks failed\n" + "\n".join(failures)
         )
-    print(f"All {len(checks)} checks of {what} passed.")
+    print(f"All {len(checks)} checks of {what} passed." if len(checks) > 1 else f"{what}: passed.")
 
 
 def _ordered(exercise: str, first: tuple[str, ...] = ()) -> list[Check]:
