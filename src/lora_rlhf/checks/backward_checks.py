@@ -134,6 +134,11 @@ def _probe_model(impl, name: str) -> dict:
     _set_value_head(model)
     tokens = _tokens(model.cfg.d_vocab)
     logits, values = model.forward_with_value_head(tokens)
+    if not isinstance(values, Tensor):
+        raise CheckFailed(
+            f"forward_with_value_head returned {type(values).__name__} as its values: the value "
+            "head did not run, so no gradient through the values can be compared"
+        )
     _backward(loss_of(logits, values, tokens), "forward_with_value_head")
     return {"grads": _grads(lora)}
 

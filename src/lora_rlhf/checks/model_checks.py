@@ -165,8 +165,8 @@ def judge_model_frozen_params(out):
     )
     expect(
         all(rg[n] for n in lora),
-        "LoRA parameters must be trainable (requires_grad=True): freeze the "
-        "base model before setup_lora adds the adaptors",
+        "LoRA parameters must be trainable (requires_grad=True): freeze only "
+        "base_model_params(), not the adaptors",
     )
     expect(all(rg[n] for n in rg if _is_head(n)), "the value head must stay trainable")
     expect(
@@ -192,6 +192,12 @@ def probe_model_forward_with_value_head(impl):
     model = _model(impl)
     with torch.no_grad():
         logits, values = model.forward_with_value_head(_tokens())
+    if not isinstance(values, torch.Tensor):
+        raise CheckFailed(
+            f"forward_with_value_head returned {type(values).__name__} as its values: the value "
+            "head did not run — run the forward under self.fwd_hooks, which ends with the "
+            "value-head hook"
+        )
     return {
         "logits": logits.float(),
         "values": values.float(),
