@@ -56,9 +56,7 @@ def probe_trainer_smoke_run(impl):
 
     def recording_rollout():
         memory = rollout_phase()
-        rollouts.append(
-            {"ids": memory.sample_ids.cpu(), "ref": memory.ref_logits.float().cpu()}
-        )
+        rollouts.append({"ids": memory.sample_ids.cpu(), "ref": memory.ref_logits.float().cpu()})
         return memory
 
     trainer.rollout_phase = recording_rollout
