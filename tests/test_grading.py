@@ -141,7 +141,7 @@ MUTANT_CHECKS = {  # mutant → the checks graded (its exercise, or the cheap pa
     "x_times_ab": CHECKS_OF["Lora"],
     "kv_with_n_heads": CHECKS_OF["LoraHooks"],
     "heads_averaged": CHECKS_OF["LoraHooks"],
-    "value_head_hook_missing": ["model_fwd_hooks", "model_frozen_params"],
+    "value_head_hook_missing": ["model_fwd_hooks", "model_forward_with_value_head"],
     "optimizer_gets_all_params": ["model_fwd_hooks", "model_frozen_params", "model_training_step"],
 }
 
