@@ -123,3 +123,13 @@ def test_readme_and_the_grading_doc_quote_the_number_of_mutants_tested():
         f"for each of the {len(ALL_MUTANTS)} mutants of the check-power tests "
         f"({len(MUTANTS)} in `tests/mutants.py`, {len(backward_mutants.MUTANTS)} backward"
     ) in doc
+
+
+def test_readme_quotes_the_check_power_counts():
+    import mutants
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"{len(MUTANTS)} deliberately broken implementations" in readme
+    assert f"and {len(backward_mutants.MUTANTS)} that keep the forward pass exact" in readme
+    assert f"{len(mutants.VARIANTS)} correct rewrites" in readme
+    assert f"and {len(backward_mutants.VARIANTS)} backward ones" in readme
