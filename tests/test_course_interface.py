@@ -192,3 +192,19 @@ def test_a_submission_written_the_way_the_course_writes_it_trains(tmp_path):
     assert [m["phase"] for m in metrics] == [0, 1, 2]
     for name in ("samples.md", "adapter.safetensors", "adapter_config.json", "reward_curve.png"):
         assert (out / name).is_file(), name
+
+
+def test_an_adaptor_outside_the_contract_stops_training_before_it_starts(tmp_path, capsys):
+    """A Lora keeping α/r under its own name: one line naming the attributes, exit status 2."""
+    source = COURSE_SUBMISSION.read_text()
+    source = source.replace("        self.lora_alpha = lora_alpha\n", "", 1)
+    source = source.replace("x_a_b * (self.lora_alpha / self.rank)", "x_a_b * 8.0")
+    path = tmp_path / "own_scale.py"
+    path.write_text(source)
+    options = ["--model", "tiny-llama", "--no-progress", "--threads", "1", "--warmup", "0"]
+    code = main(
+        ["train", *options, "--impl", str(path), "--phases", "1", "--out", str(tmp_path / "r")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "Lora has no lora_alpha: an adaptor keeps A, B, rank and lora_alpha" in err

@@ -306,7 +306,7 @@ def train(plan: Plan) -> int:
     """Run a checked plan; return the exit status (0, or 130 when interrupted)."""
     import torch
 
-    from lora_rlhf.adapters import AdapterMismatchError
+    from lora_rlhf.adapters import AdapterMismatchError, AdaptorContractError, rank_and_alpha
     from lora_rlhf.models import ModelUnavailableError
     from lora_rlhf.trainer import build_trainer
 
@@ -328,10 +328,14 @@ def train(plan: Plan) -> int:
         trainer = build_trainer(
             plan.trainer_class, args, recorder.on_phase_end, show_progress=plan.show_progress
         )
+        rank_and_alpha(trainer.model)  # the adaptor contract, read when the adapter is saved
         if plan.resume is not None:
             restore(trainer, plan.resume)
     except (ModelUnavailableError, AdapterMismatchError) as err:
         print(f"lora-rlhf train: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except AdaptorContractError as err:
+        print(f"lora-rlhf train: error: --impl {s['impl']}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except NotImplementedError as err:
         return _unfinished(s["impl"], err)
