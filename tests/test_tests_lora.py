@@ -38,6 +38,25 @@ def test_stub_fails_with_the_exercise_named():
         tests_lora.testing_lora(stubs.Lora)
 
 
+def test_a_stub_reached_after_a_failure_keeps_the_failure(tmp_path):
+    solved = (repo_root() / "solutions" / "section2_lora.py").read_text()
+    start = solved.index("    def forward(self, x")
+    end = solved.index("\n\n", solved.index("return", start))
+    stubbed = (
+        solved[:start]
+        + (
+            "    def forward(self, x):\n        raise NotImplementedError('Exercise Lora.forward: x')"
+        )
+        + solved[end:]
+    )
+    stubbed = stubbed.replace("torch.zeros(", "torch.ones(", 1)  # B no longer starts at zero
+    path = tmp_path / "half.py"
+    path.write_text(stubbed)
+    with pytest.raises(NotImplementedError, match="^Exercise Lora.forward: x") as err:
+        tests_lora.testing_lora(load_impl(path).Lora)
+    assert "Before it, 1 check failed" in str(err.value) and "lora_init" in str(err.value)
+
+
 def test_failure_message_names_the_mistake(tmp_path):
     mutant = next(m for m in MUTANTS if m.name == "scaling_missing")
     impl = load_impl(mutant.write(tmp_path))

@@ -34,8 +34,11 @@ def _run(checks: list[Check], impl, what: str) -> None:
         result = run_check(c, impl)
         stub = result.message.removeprefix("raised not implemented yet: ")
         if stub != result.message:
-            # an untouched stub: stop with its own error, which names the exercise to fill in
-            raise NotImplementedError(stub)
+            # an untouched stub: stop with its own error, which names the exercise to fill in,
+            # and what already failed before it
+            n = len(failures)
+            earlier = f"\nBefore it, {n} check{'s' * (n != 1)} failed:\n" if n else ""
+            raise NotImplementedError(stub + earlier + "\n".join(failures))
         if not result.passed:
             failures.append(
                 f"  ✗ {c.name} ({c.points:g} pts) — {c.description}\n      {result.message}"
