@@ -45,6 +45,7 @@ def child(algo: str, seed: int, budget: float, threads: int) -> dict:
     import torch
 
     from lora_rlhf.train_settings import DEFAULTS, build_args
+    from lora_rlhf.trainer import build_trainer
 
     torch.set_num_threads(threads)
     settings = dict(DEFAULTS, algo=algo, seed=seed)
@@ -56,7 +57,7 @@ def child(algo: str, seed: int, budget: float, threads: int) -> dict:
 
     load_avg_start = os.getloadavg()
     start = time.perf_counter()
-    trainer = trainer_class(args, show_progress=False)
+    trainer = build_trainer(trainer_class, args, show_progress=False)
     load_seconds = time.perf_counter() - start
     load_peak = _vm_hwm_mb()
     reset = _reset_peak()

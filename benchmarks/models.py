@@ -67,7 +67,7 @@ def build(
     model.eval()  # no dropout anywhere; eval only matters for PEFT's lora_dropout (0 anyway)
     tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq), device=device)
     fast = copy.deepcopy(model)
-    install_fast_lora(fast, alpha)
+    install_fast_lora(fast)
     setup = Setup(model=model, fast=fast, merged=merge_lora(model), tokens=tokens)
     setup.notes["n_hooks"] = len(model.fwd_hooks)
     setup.notes["n_layers"] = model.cfg.n_layers

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lora_rlhf.fast import with_fast_lora
     from lora_rlhf.lora import RLHFTrainerLora
     from lora_rlhf.models.sharing import distinct_tensors
-    from lora_rlhf.trainer import RLHFTrainer
+    from lora_rlhf.trainer import RLHFTrainer, build_trainer
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"rss_after_python_mb": rss_after_python, "rss_after_imports_mb": _rss_mb()}
 
     start = time.perf_counter()
-    trainer = trainer_cls(args, show_progress=False)
+    trainer = build_trainer(trainer_cls, args, show_progress=False)
     result["build_seconds"] = time.perf_counter() - start
     result["rss_after_build_mb"] = _rss_mb()
     result["peak_after_build_mb"] = _peak_rss_mb()  # the peak of loading the model(s)

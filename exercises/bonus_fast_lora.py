@@ -218,7 +218,7 @@ class FastLoraHooks(LoraHooks):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(layer_idx, cfg, lora_alpha, rank, dtype)
-        self.scale = lora_alpha / rank
+        self.scale = self.lora_alpha / self.rank
         self.x_a: dict[str, Tensor] | None = None
 
     def store_hook_attn_normalized(

@@ -137,8 +137,8 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## Exercise B2 — `TransformerWithValueHeadMlpLora`: attention and MLP adaptors
 #
-# Subclass `TransformerWithValueHeadLora`. Its `from_pretrained` freezes the base weights and calls
-# `setup_lora`; extend `setup_lora` to also build `self.mlp_lora` (an `nn.ModuleList` of one
+# Subclass `TransformerWithValueHeadLora`. Its `from_pretrained` calls `setup_lora`, then freezes the
+# base weights; extend `setup_lora` to also build `self.mlp_lora` (an `nn.ModuleList` of one
 # `MlpLoraHooks` per layer, on the model's device) and to append their hooks to
 # `self.lora_fwd_hooks`. Everything that reads `lora_fwd_hooks` (the hooked forward, `generate`,
 # `disable_lora`) then sees the MLP adaptors too. Given: `lora_params()` returns both kinds of
@@ -151,8 +151,8 @@ class TransformerWithValueHeadMlpLora(TransformerWithValueHeadLora):
 
     mlp_lora: nn.ModuleList
 
-    def setup_lora(self, lora_alpha: float = 32, rank: int = 4) -> None:
-        super().setup_lora(lora_alpha, rank)
+    def setup_lora(self, lora_alpha: float = 32, rank: int = 4, **kwargs) -> None:
+        super().setup_lora(lora_alpha, rank, **kwargs)
         # TODO (TransformerWithValueHeadMlpLora.setup_lora): one MlpLoraHooks per layer, hooks appended
         raise NotImplementedError("Exercise TransformerWithValueHeadMlpLora.setup_lora: one MlpLoraHooks per layer, hooks appended")
 

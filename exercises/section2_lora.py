@@ -31,6 +31,13 @@ if importlib.util.find_spec("lora_rlhf") is None and (
 # %% [markdown]
 # # Section 2 — LoRA inside RLHF
 #
+# **What you will be able to do by the end of this section**
+#
+# * explain why a fine-tuning update can be low-rank, and write a LoRA adaptor `(α/r)·x A B`;
+# * apply adaptors to a frozen TransformerLens model through hooks, grouped-query attention included;
+# * use *one* model as both the policy (adaptors on) and PPO's reference policy (adaptors off);
+# * train the adaptors with Section 1's PPO loop, and merge them into the weights afterwards.
+#
 # In Section 1 PPO fine-tuned every weight of the policy, so the KL penalty needed a second,
 # frozen copy of the model as the reference policy π_ref. Here we freeze the base weights and
 # train only small **low-rank adaptors** (LoRA, Hu et al. 2021) on the attention projections
@@ -40,29 +47,46 @@ if importlib.util.find_spec("lora_rlhf") is None and (
 # A LoRA adaptor replaces a frozen map `x ↦ x W` by `x ↦ x W + (α/r) · x A B` where
 # `A: [d_in, r]` and `B: [r, d_out]` with a small rank `r`. Only A and B are trained.
 #
-# This file is generated from `src/lora_rlhf/lora.py` (`lora-rlhf sync`); each exercise ends with
-# the check that tests it. Run a check by running the cell, or run the pytest suite.
+# **Why can the update be low-rank?** A pretrained model already holds the features a new task
+# needs; fine-tuning mostly re-weights a few directions among them. Studies of fine-tuning
+# (Aghajanyan et al. 2020, "intrinsic dimension"; Hu et al. 2021) found that a small subspace
+# suffices: the change ΔW = W_tuned − W is close to a matrix of low rank. So a product A B of rank
+# r ≪ d (here r = 4, d = 576) can stand in for it, with r·(d_in + d_out) trained numbers per
+# matrix instead of d_in·d_out.
+#
+# **Merging: inference for free.** After training, `W + (α/r) A B` is one ordinary matrix of W's
+# shape. Write it into the weights and the adaptors can go: the tuned model is exactly as fast as
+# the base model (`lora-rlhf train` saves the adaptors; `lora_rlhf.merge` merges them). During
+# training we keep them apart instead, since switching them off is what gives us π_ref.
+#
+# This file is generated from `src/lora_rlhf/lora.py` (`lora-rlhf sync`). Most of the code is
+# given; you write the eight methods that raise `NotImplementedError`. Each exercise ends with
+# the check that tests it: run its cell, or run the pytest suite.
 
 # %%
 import math
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import einops
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from lora_rlhf import tests_lora
 from lora_rlhf.args import RLHFArgs
+from lora_rlhf.devices import default_device
 from lora_rlhf.models import DEFAULT_MODEL
+from lora_rlhf.ppo import get_optimizer_and_scheduler
 from lora_rlhf.trainer import RLHFTrainer
 from lora_rlhf.value_head import HookedTransformerWithValueHead
 
 FwdHook = tuple[str, Callable]
+device = default_device()
 
 
 def check_lora_settings(lora_alpha: float, **sizes: int) -> None:
@@ -83,17 +107,19 @@ NOTEBOOK_MODEL = os.environ.get("LORA_RLHF_NOTEBOOK_MODEL", DEFAULT_MODEL)
 # %% [markdown]
 # ## Exercise 1 — `Lora`: n independent low-rank maps
 #
-# Build a module holding `n_inst` independent adaptors (one per attention head, later):
+# A module holding `n_inst` independent adaptors (one per attention head, later). `__init__`
+# is given up to the sizes it keeps (`rank`, `d_in`, `d_out`, `n_inst`, `lora_alpha`, `dtype`:
+# the library's fast path, merging and saving read them by these names). You write:
 #
-# * `A: [n_inst, d_in, rank]`, initialised with `nn.init.kaiming_uniform_(A, a=math.sqrt(5))`
-#   (the init `nn.Linear` uses), and `B: [n_inst, rank, d_out]`, initialised to **zeros**. With
-#   B = 0 the adaptor starts as the identity change: training begins from the pretrained model.
-#   (A must not be zero too: then no gradient would ever reach B, nor A.) `n_inst=None` means 1.
-#   When `dtype` is given, create both parameters with it.
+# * the parameters `A: [n_inst, d_in, rank]`, initialised with
+#   `nn.init.kaiming_uniform_(A, a=math.sqrt(5))` (the init `nn.Linear` uses), and
+#   `B: [n_inst, rank, d_out]`, initialised to **zeros**, both with `dtype`. With B = 0 the adaptor
+#   starts as the identity change: training begins from the pretrained model. (A must not be zero
+#   too: then no gradient would ever reach B, nor A.)
 # * `forward(x: [..., inst, d_in]) -> [..., n_inst, d_out]` computes `(x @ A) @ B · lora_alpha / rank`
-#   for every instance, e.g. with two `einops.einsum`s. An `inst` axis of size 1 broadcasts over
-#   all instances (einsum does that for you); raise a `ValueError` for any other size that is not
-#   `n_inst`. Cast `x` to the parameters' dtype first.
+#   for every instance, e.g. with two `einops.einsum`s. An `inst` axis of size 1 stands for the same
+#   input to every instance (broadcast it); any other size that is not `n_inst` is an error with a
+#   clear message. Cast `x` to the parameters' dtype first.
 #
 # Why **(xA)B** and never **x(AB)**? `A @ B` is a full `d_in × d_out` matrix: forming it costs
 # d_in·r·d_out multiply-adds and d_in·d_out memory, which is what LoRA exists to avoid. Multiplying
@@ -103,7 +129,7 @@ NOTEBOOK_MODEL = os.environ.get("LORA_RLHF_NOTEBOOK_MODEL", DEFAULT_MODEL)
 # and would double what the adaptor can shift.
 #
 # Why **α/r**? The scale keeps the size of the update roughly independent of the rank, so the
-# learning rate need not be re-tuned when r changes. Keep it on the module (under any name).
+# learning rate need not be re-tuned when r changes.
 
 
 # %%
@@ -120,10 +146,15 @@ class Lora(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        n_inst = 1 if n_inst is None else n_inst
-        check_lora_settings(lora_alpha, d_in=d_in, d_out=d_out, rank=rank, n_inst=n_inst)
-        # TODO (Lora.__init__): create A (kaiming-uniform) and B (zeros), keep the scale α/r
-        raise NotImplementedError("Exercise Lora.__init__: create A (kaiming-uniform) and B (zeros), keep the scale α/r")
+        self.rank = rank
+        self.d_in = d_in
+        self.d_out = d_out
+        self.n_inst = 1 if n_inst is None else n_inst
+        self.lora_alpha = lora_alpha
+        self.dtype = dtype
+        check_lora_settings(lora_alpha, d_in=d_in, d_out=d_out, rank=rank, n_inst=self.n_inst)
+        # TODO (Lora.__init__): the parameters A (kaiming-uniform) and B (zeros)
+        raise NotImplementedError("Exercise Lora.__init__: the parameters A (kaiming-uniform) and B (zeros)")
 
     def forward(self, x: Float[Tensor, "... inst d_in"]) -> Float[Tensor, "... n_inst d_out"]:
         # TODO (Lora.forward): (x @ A) @ B · α/r, one map per instance
@@ -142,21 +173,22 @@ if __name__ == "__main__":
 #
 # | hook | what it does |
 # |---|---|
-# | `blocks.{i}.ln1.hook_normalized` | store the attention input x (`store_hook_attn_normalized`) |
+# | `blocks.{i}.ln1.hook_normalized` | store the attention input x in `cache_qkv_in` (given) |
 # | `blocks.{i}.attn.hook_q` / `hook_k` / `hook_v` | add `lora_q/k/v(x)` to q, k, v (`lora_hook_qkv`) |
-# | `blocks.{i}.attn.hook_z` | store z, the per-head attention output (`store_hook_z`) |
+# | `blocks.{i}.attn.hook_z` | store z, the per-head attention output, in `cache_z` (given) |
 # | `blocks.{i}.hook_attn_out` | add `lora_o(z)` summed over heads (`lora_hook_out`) |
 #
-# The two stores keep their activation on the module (start them at `None` in `__init__`) and
-# return nothing, so the activation passes on unchanged; the two adding hooks return the new
-# activation. Shapes: `lora_q` has one instance per query head and maps d_model → d_head;
-# `lora_o` has one per query head and maps d_head → d_model.
+# Given: the sizes `__init__` keeps, the two store hooks (they return nothing, so the activation
+# passes on unchanged) and `list_fwd_hooks`. You write the four adaptors in `__init__` and the two
+# hooks that add (they return the new activation). Shapes: `lora_q` has one instance per query
+# head and maps d_model → d_head; `lora_o` has one per query head and maps d_head → d_model.
 #
 # **Grouped-query attention.** Models such as Llama and SmolLM2 have fewer key/value heads than
 # query heads (SmolLM2: 9 query heads share 3 K/V heads). The real weights `_W_K`, `_W_V` have
-# `n_key_value_heads` heads, and `hook_k`/`hook_v` see `[batch, pos, n_key_value_heads, d_head]`
-# (the sharing happens after the hook). So `lora_k` and `lora_v` get **`cfg.n_key_value_heads`**
-# instances (n_heads when that is None): one adaptor per real K/V weight, not per query head.
+# `n_key_value_heads` heads; `W_K` and `W_V` are the same weights *repeated* to one per query
+# head. `hook_k`/`hook_v` see `[batch, pos, n_key_value_heads, d_head]` (the sharing happens after
+# the hook). So `lora_k` and `lora_v` get **`n_kv_heads`** instances: one adaptor per real K/V
+# weight, not per query head. The next cell shows both shapes on the notebook's model.
 #
 # **One input for every head.** q, k and v all read the same x, `[batch, pos, d_model]`: give it
 # an `inst` axis of size 1 (`[batch, pos, 1, d_model]`) and `Lora` broadcasts it over the heads.
@@ -170,13 +202,31 @@ if __name__ == "__main__":
 # `lora_hook_qkv` serves three hook points: dispatch on the hook's name (`hook.name` ends with
 # `hook_q`, `hook_k` or `hook_v`), and raise `ValueError` for any other name.
 #
-# How the library makes these six hooks cheap (fewer, larger products) is the optional bonus
-# exercise *Making LoRA fast*; here, write them plainly.
+# **Why only attention?** The original LoRA paper adapted only the attention projections and
+# found it enough for many tasks; it also keeps this section short. The MLP layers hold most of a
+# transformer's weights, and adapting them too often helps: that is the optional bonus exercise
+# *LoRA on the MLP* (`section_mlp_lora`). How the library makes these six hooks cheap (fewer,
+# larger products) is the bonus *Making LoRA fast*; here, write them plainly.
+
+# %%
+if __name__ == "__main__":
+    _demo = HookedTransformerWithValueHead.from_pretrained(NOTEBOOK_MODEL, use_value_head=False)
+    _attn = _demo.blocks[0].attn
+    print(
+        f"{NOTEBOOK_MODEL}: {_demo.cfg.n_heads} query heads, K/V heads: {_demo.cfg.n_key_value_heads}"
+    )
+    print("the real K weight _W_K:", tuple(getattr(_attn, "_W_K", _attn.W_K).shape))
+    print("W_K, one per query head:", tuple(_attn.W_K.shape))
+    del _demo, _attn
 
 
 # %%
 class LoraHooks(nn.Module):
     """LoRA adaptors for W_Q, W_K, W_V and W_O of attention layer `layer_idx`, applied by hooks."""
+
+    # What the store hooks keep for the adding hooks of the same forward pass.
+    cache_qkv_in: Float[Tensor, "batch pos d_model"] | None = None
+    cache_z: Float[Tensor, "batch pos n_heads d_head"] | None = None
 
     def __init__(
         self,
@@ -187,21 +237,25 @@ class LoraHooks(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        # TODO (LoraHooks.__init__): four Loras (K/V: one per key/value head), the two stores
-        raise NotImplementedError("Exercise LoraHooks.__init__: four Loras (K/V: one per key/value head), the two stores")
+        self.layer_idx = layer_idx
+        self.rank = rank
+        self.lora_alpha = lora_alpha
+        self.dtype = dtype
+        self.n_qo_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+        # TODO (LoraHooks.__init__): lora_q, lora_k, lora_v, lora_o (K/V: n_kv_heads)
+        raise NotImplementedError("Exercise LoraHooks.__init__: lora_q, lora_k, lora_v, lora_o (K/V: n_kv_heads)")
 
     def store_hook_attn_normalized(
         self, normalized: Float[Tensor, "batch pos d_model"], hook: HookPoint
     ) -> None:
-        # TODO (LoraHooks.store_hook_attn_normalized): keep the attention input
-        raise NotImplementedError("Exercise LoraHooks.store_hook_attn_normalized: keep the attention input")
+        self.cache_qkv_in = normalized
 
     def store_hook_z(self, z: Float[Tensor, "batch pos n_heads d_head"], hook: HookPoint) -> None:
-        # TODO (LoraHooks.store_hook_z): keep z
-        raise NotImplementedError("Exercise LoraHooks.store_hook_z: keep z")
+        self.cache_z = z
 
     def lora_hook_qkv(
-        self, qkv: Float[Tensor, "batch pos head d_head"], hook: HookPoint
+        self, qkv_hook_out: Float[Tensor, "batch pos head d_head"], hook: HookPoint
     ) -> Float[Tensor, "batch pos head d_head"]:
         # TODO (LoraHooks.lora_hook_qkv): add lora_q/k/v of the stored input, by hook name
         raise NotImplementedError("Exercise LoraHooks.lora_hook_qkv: add lora_q/k/v of the stored input, by hook name")
@@ -214,8 +268,15 @@ class LoraHooks(nn.Module):
 
     def list_fwd_hooks(self) -> list[FwdHook]:
         """The six `(hook_name, fn)` pairs of this layer, in the order the forward pass meets them."""
-        # TODO (LoraHooks.list_fwd_hooks): six (name, fn) pairs
-        raise NotImplementedError("Exercise LoraHooks.list_fwd_hooks: six (name, fn) pairs")
+        i = self.layer_idx
+        return [
+            (f"blocks.{i}.ln1.hook_normalized", self.store_hook_attn_normalized),
+            (f"blocks.{i}.attn.hook_q", self.lora_hook_qkv),
+            (f"blocks.{i}.attn.hook_k", self.lora_hook_qkv),
+            (f"blocks.{i}.attn.hook_v", self.lora_hook_qkv),
+            (f"blocks.{i}.attn.hook_z", self.store_hook_z),
+            (f"blocks.{i}.hook_attn_out", self.lora_hook_out),
+        ]
 
 
 # %%
@@ -226,21 +287,28 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## Exercise 3 — `TransformerWithValueHeadLora`: the policy, its value head and its reference
 #
-# Subclass Section 1's `HookedTransformerWithValueHead`:
+# A subclass of Section 1's `HookedTransformerWithValueHead`. Given:
 #
-# * `from_pretrained(name, lora_alpha, rank, ...)` loads the model, **freezes every base
-#   parameter**, then calls `setup_lora`.
-# * `setup_lora(lora_alpha, rank)` builds `self.lora` (an `nn.ModuleList` of one `LoraHooks` per
-#   layer, with the model's dtype, on the model's device) and `self.lora_fwd_hooks` (all their
-#   hooks).
-# * `fwd_hooks` (a property, read at call time) is the LoRA hooks followed by the value-head hook,
-#   so the inherited `forward_with_value_head` runs the policy with its adaptors.
-# * `generate(...)` runs the base class's generate with the LoRA hooks, so samples come from the
-#   adapted policy. Use `with self.hooks(fwd_hooks=...)`: hooks never outlive the call, even when
-#   it raises.
+# * `from_pretrained(name, lora_alpha=32, rank=4, ...)` loads the model, calls `setup_lora`, then
+#   **freezes every base parameter**;
+# * `fwd_hooks` (a property, read at call time): the LoRA hooks followed by the value-head hook;
 # * `base_model_params()` (every parameter but the adaptors and the value head), `lora_params()`,
-#   and `get_base_model_trainable_params()`, which returns the LoRA parameters, so Section 1's
-#   optimizer trains only LoRA + value head.
+#   `get_value_head_params()`, and `get_base_model_trainable_params()`, which returns the LoRA
+#   parameters, so Section 1's optimizer trains only LoRA + value head. They return generators:
+#   iterate over them once, or wrap them in `list(...)`.
+#
+# You write:
+#
+# * `setup_lora(lora_alpha=32, rank=4)` builds `self.lora` (an `nn.ModuleList` of one `LoraHooks`
+#   per layer, with the model's dtype, on the model's device) and `self.lora_fwd_hooks` (all their
+#   hooks, layer by layer);
+# * `forward_with_value_head(tokens)` returns `(logits, values)` from one forward pass run with
+#   `self.fwd_hooks`: the policy with its adaptors, and the value head's output;
+# * `generate(tokens, **kwargs)` runs the base class's generate with the LoRA hooks, so samples
+#   come from the adapted policy.
+#
+# Attach hooks with `with self.hooks(fwd_hooks=...):` so they never outlive the call, even when
+# it raises.
 #
 # **Why no second model?** Plain `forward` runs without any hook: it *is* the frozen base model,
 # π_ref. The KL penalty compares the hooked forward (π) with the plain forward (π_ref) of one model.
@@ -255,45 +323,48 @@ class TransformerWithValueHeadLora(HookedTransformerWithValueHead):
 
     @classmethod
     def from_pretrained(
-        cls,
-        name: str = DEFAULT_MODEL,
-        lora_alpha: float = 32,
-        rank: int = 4,
-        use_value_head: bool = True,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        **kwargs,
+        cls, *args, lora_alpha: float = 32, rank: int = 4, **kwargs
     ) -> TransformerWithValueHeadLora:
-        """Load `name`, freeze its weights and add rank-`rank` adaptors to every attention layer."""
+        """Load a model (the base class's arguments), add rank-`rank` adaptors to every attention
+        layer and freeze the rest (the value head stays trainable)."""
         check_lora_settings(lora_alpha, rank=rank)
-        # TODO (TransformerWithValueHeadLora.from_pretrained): load, freeze, set up LoRA
-        raise NotImplementedError("Exercise TransformerWithValueHeadLora.from_pretrained: load, freeze, set up LoRA")
+        model = super().from_pretrained(*args, **kwargs)
+        model.setup_lora(lora_alpha=lora_alpha, rank=rank, **kwargs)
+        for param in model.base_model_params():
+            param.requires_grad_(False)
+        return model
 
-    def setup_lora(self, lora_alpha: float = 32, rank: int = 4) -> None:
-        # TODO (TransformerWithValueHeadLora.setup_lora): one LoraHooks per layer
-        raise NotImplementedError("Exercise TransformerWithValueHeadLora.setup_lora: one LoraHooks per layer")
+    def setup_lora(self, lora_alpha: float = 32, rank: int = 4, **kwargs) -> None:
+        # TODO (TransformerWithValueHeadLora.setup_lora): one LoraHooks per layer, their hooks
+        raise NotImplementedError("Exercise TransformerWithValueHeadLora.setup_lora: one LoraHooks per layer, their hooks")
 
     @property
     def fwd_hooks(self) -> list[FwdHook]:
-        # TODO (TransformerWithValueHeadLora.fwd_hooks): LoRA hooks, then the value-head hook
-        raise NotImplementedError("Exercise TransformerWithValueHeadLora.fwd_hooks: LoRA hooks, then the value-head hook")
+        return self.lora_fwd_hooks + [self.value_head_hook]
 
-    def generate(self, *args, **kwargs):
+    def forward_with_value_head(
+        self, tokens: Int[Tensor, "batch seq"]
+    ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
+        # TODO (TransformerWithValueHeadLora.forward_with_value_head): one pass with fwd_hooks
+        raise NotImplementedError("Exercise TransformerWithValueHeadLora.forward_with_value_head: one pass with fwd_hooks")
+
+    @torch.no_grad()
+    def generate(self, tokens: Int[Tensor, "batch seq"], **kwargs):
         """The base class's `generate`, run with the LoRA hooks (same arguments)."""
-        # TODO (TransformerWithValueHeadLora.generate): base generate under the LoRA hooks
-        raise NotImplementedError("Exercise TransformerWithValueHeadLora.generate: base generate under the LoRA hooks")
+        # TODO (TransformerWithValueHeadLora.generate): the base generate under the LoRA hooks
+        raise NotImplementedError("Exercise TransformerWithValueHeadLora.generate: the base generate under the LoRA hooks")
 
-    def base_model_params(self) -> list[nn.Parameter]:
-        # TODO (TransformerWithValueHeadLora.base_model_params): all but LoRA and value head
-        raise NotImplementedError("Exercise TransformerWithValueHeadLora.base_model_params: all but LoRA and value head")
+    def base_model_params(self) -> Iterable[nn.Parameter]:
+        return (p for n, p in self.named_parameters() if not n.startswith(("lora.", "value_head.")))
 
-    def lora_params(self) -> list[nn.Parameter]:
-        # TODO (TransformerWithValueHeadLora.lora_params): every adaptor parameter
-        raise NotImplementedError("Exercise TransformerWithValueHeadLora.lora_params: every adaptor parameter")
+    def lora_params(self) -> Iterable[nn.Parameter]:
+        return (p for n, p in self.named_parameters() if n.startswith("lora."))
 
-    def get_base_model_trainable_params(self) -> list[nn.Parameter]:
-        # TODO (TransformerWithValueHeadLora.get_base_model_trainable_params): LoRA only
-        raise NotImplementedError("Exercise TransformerWithValueHeadLora.get_base_model_trainable_params: LoRA only")
+    def get_base_model_trainable_params(self) -> Iterable[nn.Parameter]:
+        return self.lora_params()
+
+    def get_value_head_params(self) -> Iterable[nn.Parameter]:
+        return self.value_head.parameters() if self.value_head is not None else iter(())
 
 
 # %%
@@ -303,12 +374,12 @@ if __name__ == "__main__":
     tests_lora.test_lora_model_forward_methods(_model)
 
 # %% [markdown]
-# ## Exercise 4 — train with LoRA, using the same model as the reference policy
+# ## Training with LoRA, using the same model as the reference policy (given)
 #
 # `RLHFArgsLora` adds the adaptor's rank, α and dtype. `RLHFTrainerLora` builds a
-# `TransformerWithValueHeadLora` (its `model_class`) and returns **the same object** as the
-# reference model: the trainer computes reference logits with the model's plain `forward`, which
-# has no adaptors.
+# `TransformerWithValueHeadLora` and uses **the same object** as the reference model: Section 1's
+# trainer computes reference logits with `ref_model`'s plain `forward`, which has no adaptors.
+# Everything else (`train`, the rollout and learning phases) is Section 1's.
 
 
 # %%
@@ -326,22 +397,42 @@ class RLHFArgsLora(RLHFArgs):
 class RLHFTrainerLora(RLHFTrainer):
     """PPO-RLHF training only the adaptors and the value head; one copy of the base weights."""
 
+    # `lora-rlhf train --impl` sets a submission's class here when the submission has no trainer.
     model_class: type[TransformerWithValueHeadLora] = TransformerWithValueHeadLora
 
-    def build_model(self) -> TransformerWithValueHeadLora:
-        # TODO (RLHFTrainerLora.build_model): the LoRA policy with its value head
-        raise NotImplementedError("Exercise RLHFTrainerLora.build_model: the LoRA policy with its value head")
-
-    def build_ref_model(self) -> TransformerWithValueHeadLora:
-        # TODO (RLHFTrainerLora.build_ref_model): no copy: the same model
-        raise NotImplementedError("Exercise RLHFTrainerLora.build_ref_model: no copy: the same model")
+    def __init__(self, args: RLHFArgsLora):
+        torch.manual_seed(args.seed)
+        self.args = args
+        self.run_name = (
+            f"{args.wandb_project_name}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        run_device = torch.device(args.device) if args.device else device
+        self.model = (
+            self.model_class.from_pretrained(
+                args.base_model,
+                lora_alpha=args.lora_alpha,
+                rank=args.lora_rank,
+                device=run_device,
+                dtype=args.dtype,
+            )
+            .to(run_device)
+            .train()
+        )
+        self.ref_model = self.model
+        self.optimizer, self.scheduler = get_optimizer_and_scheduler(self.args, self.model)
+        self.prefix_len = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos).shape[-1]
 
 
 # %% [markdown]
 # **The course's smoke run.** Two short phases with your classes: the KL penalty off, a high
 # learning rate, rewarding full stops. It checks that everything fits together, not that the
-# reward rises (that takes `lora-rlhf train --impl exercises`).
+# reward rises (that takes `lora-rlhf train --impl exercises`). The check runs the graded smoke
+# run on tiny-llama; the cell after it runs the same settings on `NOTEBOOK_MODEL`.
 
+
+# %%
+if __name__ == "__main__":
+    tests_lora.test_rlhf_trainer_lora(RLHFTrainerLora, TransformerWithValueHeadLora, RLHFArgsLora)
 
 # %%
 if __name__ == "__main__":
@@ -351,7 +442,7 @@ if __name__ == "__main__":
     )  # fmt: skip
     _trainer = RLHFTrainerLora(_args)
     assert _trainer.ref_model is _trainer.model, (
-        "build_ref_model must return the policy itself: its plain forward is π_ref, no second copy"
+        "ref_model must be the policy itself: its plain forward is π_ref, no second copy"
     )
     _params_before = [p.detach().clone() for p in _trainer.model.lora_params()]
     _trainer.train()

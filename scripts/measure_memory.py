@@ -80,7 +80,7 @@ def child(mode: str, options: argparse.Namespace) -> dict:
     import lora_rlhf.lora  # noqa: F401  (import everything a run imports before measuring)
     from lora_rlhf import train_cli
     from lora_rlhf.args import RLHFArgs
-    from lora_rlhf.trainer import RLHFTrainer
+    from lora_rlhf.trainer import RLHFTrainer, build_trainer
 
     torch.set_num_threads(options.threads)
     result: dict = {"mode": mode, "rss_after_import": _rss()}
@@ -101,7 +101,7 @@ def child(mode: str, options: argparse.Namespace) -> dict:
         args, trainer_class = RLHFArgs(**fields), RLHFTrainer
 
     start = time.perf_counter()
-    trainer = trainer_class(args, show_progress=False)
+    trainer = build_trainer(trainer_class, args, show_progress=False)
     result["build_seconds"] = time.perf_counter() - start
     result["load_peak"] = _maxrss()
     result["rss_after_build"] = _rss()

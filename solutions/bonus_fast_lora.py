@@ -239,7 +239,7 @@ class FastLoraHooks(LoraHooks):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(layer_idx, cfg, lora_alpha, rank, dtype)
-        self.scale = lora_alpha / rank
+        self.scale = self.lora_alpha / self.rank
         self.x_a: dict[str, Tensor] | None = None
 
     def store_hook_attn_normalized(
@@ -256,7 +256,7 @@ class FastLoraHooks(LoraHooks):
         if kind not in adaptors:
             raise ValueError(f"lora_hook_qkv serves hook_q, hook_k and hook_v, not {hook.name!r}")
         if self.x_a is None:
-            x = self.attn_normalized.to(self.lora_q.A.dtype)
+            x = self.cache_qkv_in.to(self.lora_q.A.dtype)
             parts = qkv_x_a(x, self.lora_q.A, self.lora_k.A, self.lora_v.A)
             self.x_a = dict(zip(adaptors, parts))
         delta = heads_x_a_b(self.x_a[kind], adaptors[kind].B, self.scale)
@@ -265,7 +265,7 @@ class FastLoraHooks(LoraHooks):
     def lora_hook_out(
         self, attn_out: Float[Tensor, "batch pos d_model"], hook: HookPoint
     ) -> Float[Tensor, "batch pos d_model"]:
-        z = self.z.to(self.lora_o.A.dtype)
+        z = self.cache_z.to(self.lora_o.A.dtype)
         return attn_out + out_delta(z, self.lora_o.A, self.lora_o.B, self.scale).to(attn_out.dtype)
 
 

@@ -60,7 +60,12 @@ from lora_rlhf import tests_grpo
 from lora_rlhf.args import ArgsError
 from lora_rlhf.lora import RLHFArgsLora, RLHFTrainerLora, TransformerWithValueHeadLora
 from lora_rlhf.memory import lean_heap, release_freed_memory
-from lora_rlhf.ppo import calc_entropy_bonus, calc_kl_penalty, get_logprobs
+from lora_rlhf.ppo import (
+    calc_entropy_bonus,
+    calc_kl_penalty,
+    get_logprobs,
+    get_optimizer_and_scheduler,
+)
 
 # %% [markdown]
 # ## Exercise G1 — group advantages (GRPO and RLOO)
@@ -195,10 +200,10 @@ if __name__ == "__main__":
 # and `GroupMemory`, the rollout's data served as shuffled minibatches, as Section 1's
 # `ReplayMemory` but without values, and with the reference's log-probs instead of its logits.
 #
-# `GRPOTrainerLora` subclasses Section 2's `RLHFTrainerLora`, which gives the optimizer (no value
-# head: only the adaptors), sampling (`self.sample()`, the adapted policy), rewards
-# (`self.compute_rewards`), the loop (`train`) and `build_ref_model`, which returns the policy
-# itself. Write:
+# `GRPOTrainerLora` subclasses Section 2's `RLHFTrainerLora`. Its `__init__` (given) is Section
+# 2's, but builds the model with `build_model()` and keeps the policy itself as `ref_model`; the
+# rest is inherited: the optimizer (no value head: only the adaptors), sampling (`self.sample()`,
+# the adapted policy), rewards (`self.compute_rewards`) and the loop (`train`). Write:
 #
 # * `build_model()`: `self.model_class.from_pretrained(...)` as in Section 2, with
 #   `use_value_head=False`.
@@ -275,6 +280,14 @@ class GRPOTrainerLora(RLHFTrainerLora):
 
     args: GRPOArgsLora
     model_class: type[TransformerWithValueHeadLora] = TransformerWithValueHeadLora
+
+    def __init__(self, args: GRPOArgsLora):
+        torch.manual_seed(args.seed)
+        self.args = args
+        self.model = self.build_model()
+        self.ref_model = self.model  # its plain forward: the adaptors off
+        self.optimizer, self.scheduler = get_optimizer_and_scheduler(args, self.model)
+        self.prefix_len = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos).shape[-1]
 
     def build_model(self) -> TransformerWithValueHeadLora:
         args = self.args

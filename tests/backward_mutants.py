@@ -1,6 +1,7 @@
-"""Backward-pass mutants and correct variants, made by small edits of a fixed, course-shaped
-submission of our own (tests/grading_fixtures/course_submission.py), so they do not depend on
-the solution's text.
+"""Backward-pass mutants and correct variants, made by small edits of a fixed submission written
+the way the course writes it (tests/grading_fixtures/course_submission.py), so they do not depend
+on the solution's text. The two store hooks are given code in the course; a student who edits
+them (e.g. detaches what they keep) is still caught.
 
 Every MUTANT computes the right forward pass and the wrong gradients, each in its own way; every
 VARIANT is a correct rewrite that must pass every check.
@@ -20,7 +21,7 @@ OUT_HOOK = "return attn_out + self.lora_o(z).sum(-2)\n"
 # A hand-written scaling whose backward forgets the scale: the forward is exact.
 WRONG_BACKWARD = """
 
-class _Scale(torch.autograd.Function):
+class _Scale(t.autograd.Function):
     @staticmethod
     def forward(ctx, t, s):
         return t * s
@@ -57,17 +58,17 @@ class Edit:
 MUTANTS = [
     Edit(
         "stored_input_detached",
-        (("self.attn_normalized = normalized\n", "self.attn_normalized = normalized.detach()\n"),),
+        (("self.cache_qkv_in = normalized\n", "self.cache_qkv_in = normalized.detach()\n"),),
         says="Only earlier layers' gradients are wrong",
     ),
     Edit(
         "z_detached",
-        (("self.z = z\n", "self.z = z.detach()\n"),),
+        (("self.cache_z = z\n", "self.cache_z = z.detach()\n"),),
         says="flow back through z are lost",
     ),
     Edit(
         "x_a_under_no_grad",
-        (("        " + EINSUM_XA, "        with torch.no_grad():\n            " + EINSUM_XA),),
+        (("        " + EINSUM_XA, "        with t.no_grad():\n            " + EINSUM_XA),),
         says="No gradient reaches layer 0 lora_q.A",
     ),
     Edit(
@@ -97,8 +98,8 @@ VARIANTS = [
     Edit(
         "stored_input_cloned",
         (
-            ("self.attn_normalized = normalized\n", "self.attn_normalized = normalized.clone()\n"),
-            ("self.z = z\n", "self.z = z.clone()\n"),
+            ("self.cache_qkv_in = normalized\n", "self.cache_qkv_in = normalized.clone()\n"),
+            ("self.cache_z = z\n", "self.cache_z = z.clone()\n"),
         ),
     ),
     Edit(
@@ -114,11 +115,11 @@ VARIANTS = [
     Edit(
         "torch_einsum_out_hook",
         (
-            (EINSUM_XA, 'x_a = torch.einsum("...id,idr->...ir", x, self.A)\n'),
+            (EINSUM_XA, 'x_a = t.einsum("...id,idr->...ir", x, self.A)\n'),
             (
                 OUT_HOOK,
-                'z_a = torch.einsum("bphd,hdr->bphr", z, self.lora_o.A)\n'
-                '        out = torch.einsum("bphr,hrm->bpm", z_a, self.lora_o.B)\n'
+                'z_a = t.einsum("bphd,hdr->bphr", z, self.lora_o.A)\n'
+                '        out = t.einsum("bphr,hrm->bpm", z_a, self.lora_o.B)\n'
                 "        return attn_out + out * (self.lora_o.lora_alpha / self.lora_o.rank)\n",
             ),
         ),

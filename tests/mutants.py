@@ -19,23 +19,19 @@ SOLUTION = ROOT / "solutions" / "section2_lora.py"
 LORA_PRODUCTS = (
     '        x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")\n'
     '        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")\n'
-    "        return x_a_b * self.scaling"
+    "        return x_a_b * (self.lora_alpha / self.rank)"
 )
 QKV_DISPATCH = (
     '        adaptors = {"hook_q": self.lora_q, "hook_k": self.lora_k, "hook_v": self.lora_v}\n'
     '        kind = hook.name.split(".")[-1]\n'
     "        if kind not in adaptors:\n"
     '            raise ValueError(f"lora_hook_qkv serves hook_q, hook_k and hook_v, not {hook.name!r}")\n'
-    '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")\n'
-    "        return qkv + adaptors[kind](x)"
+    '        x = einops.rearrange(self.cache_qkv_in, "batch pos d_model -> batch pos 1 d_model")\n'
+    "        return qkv_hook_out + adaptors[kind](x)"
 )
 OUT_HOOK = (
-    "        per_head = self.lora_o(self.z)  # [batch, pos, head, d_model]\n"
+    "        per_head = self.lora_o(self.cache_z)  # [batch, pos, head, d_model]\n"
     "        return attn_out + per_head.sum(dim=-2)"
-)
-STORES = (
-    '        self.attn_normalized: Float[Tensor, "batch pos d_model"] | None = None\n'
-    '        self.z: Float[Tensor, "batch pos n_heads d_head"] | None = None'
 )
 
 
@@ -87,19 +83,19 @@ MUTANTS = [
     ),
     Edit(
         "scaling_missing",
-        (("return x_a_b * self.scaling", "return x_a_b"),),
+        (("return x_a_b * (self.lora_alpha / self.rank)", "return x_a_b"),),
         catches=("lora_forward_formula", "lora_alpha_scaling"),
         says="scaling is missing",
     ),
     Edit(
         "scaling_inverted",
-        (("self.scaling = lora_alpha / rank", "self.scaling = rank / lora_alpha"),),
+        (("x_a_b * (self.lora_alpha / self.rank)", "x_a_b * (self.rank / self.lora_alpha)"),),
         catches=("lora_forward_formula",),
         says="inverted",
     ),
     Edit(
         "scaling_alpha_only",
-        (("self.scaling = lora_alpha / rank", "self.scaling = lora_alpha"),),
+        (("x_a_b * (self.lora_alpha / self.rank)", "x_a_b * self.lora_alpha"),),
         catches=("lora_forward_formula",),
         says="α instead of α/r",
     ),
@@ -109,7 +105,7 @@ MUTANTS = [
             (
                 LORA_PRODUCTS,
                 '        ab = einops.einsum(self.A, self.B, "inst d_in rank, inst rank d_out -> inst d_in d_out")\n'
-                '        return einops.einsum(x, ab, "... inst d_in, inst d_in d_out -> ... inst d_out") * self.scaling',
+                '        return einops.einsum(x, ab, "... inst d_in, inst d_in d_out -> ... inst d_out") * (self.lora_alpha / self.rank)',
             ),
         ),
         catches=("lora_xa_then_b",),
@@ -134,7 +130,16 @@ MUTANTS = [
     ),
     Edit(
         "kv_with_n_heads",
-        (("n_kv_heads = cfg.n_key_value_heads or cfg.n_heads", "n_kv_heads = cfg.n_heads"),),
+        (
+            (
+                "lora_alpha, self.n_kv_heads, dtype)\n        self.lora_v",
+                "lora_alpha, self.n_qo_heads, dtype)\n        self.lora_v",
+            ),
+            (
+                "lora_alpha, self.n_kv_heads, dtype)\n        self.lora_o",
+                "lora_alpha, self.n_qo_heads, dtype)\n        self.lora_o",
+            ),
+        ),
         catches=("hooks_adaptor_shapes", "hooks_merged_tiny_llama"),
         says="key/value heads",
     ),
@@ -165,7 +170,7 @@ MUTANTS = [
         "qkv_returns_adaptor_only",
         (
             (
-                "return qkv + adaptors[kind](x)",
+                "return qkv_hook_out + adaptors[kind](x)",
                 "return adaptors[kind](x)",
             ),
         ),
@@ -207,14 +212,24 @@ MUTANTS = [
         says="one LoraHooks per layer",
     ),
     Edit(
-        "value_head_hook_missing",
-        (("return [*self.lora_fwd_hooks, self.value_head_hook]", "return [*self.lora_fwd_hooks]"),),
-        catches=("model_fwd_hooks", "model_forward_with_value_head"),
-        says="1 + 6·n_layers",
+        "value_head_hook_missing",  # the forward pass runs the adaptors but not the value head
+        (
+            (
+                "with self.hooks(fwd_hooks=self.fwd_hooks):\n            logits",
+                "with self.hooks(fwd_hooks=self.lora_fwd_hooks):\n            logits",
+            ),
+        ),
+        catches=("model_forward_with_value_head",),
+        says="value head",
     ),
     Edit(
-        "lora_hooks_not_in_fwd_hooks",
-        (("return [*self.lora_fwd_hooks, self.value_head_hook]", "return [self.value_head_hook]"),),
+        "lora_hooks_not_in_forward",  # the value head runs, the adaptors do not
+        (
+            (
+                "with self.hooks(fwd_hooks=self.fwd_hooks):\n            logits",
+                "with self.hooks(fwd_hooks=[self.value_head_hook]):\n            logits",
+            ),
+        ),
         catches=("model_forward_with_value_head",),
         says="fwd_hooks must include them",
     ),
@@ -233,9 +248,9 @@ MUTANTS = [
         "generate_leaves_hooks_on",
         (
             (
-                "with self.hooks(fwd_hooks=self.lora_fwd_hooks):\n            return super().generate(*args, **kwargs)",
+                "with self.hooks(fwd_hooks=self.lora_fwd_hooks):\n            return super().generate(tokens, **kwargs)",
                 "for name, fn in self.lora_fwd_hooks:\n            self.add_hook(name, fn)\n"
-                "        return super().generate(*args, **kwargs)",
+                "        return super().generate(tokens, **kwargs)",
             ),
         ),
         catches=("model_plain_forward_is_base", "model_hook_calls"),
@@ -251,11 +266,11 @@ MUTANTS = [
         "everything_frozen",
         (("for param in model.base_model_params():", "for param in model.parameters():"),),
         catches=("model_frozen_params",),
-        says="value head must stay trainable",
+        says="LoRA parameters must be trainable",
     ),
     Edit(
         "optimizer_gets_all_params",
-        (("        return self.lora_params()\n", "        return list(self.parameters())\n"),),
+        (("        return self.lora_params()\n", "        return self.parameters()\n"),),
         catches=("model_frozen_params", "model_training_step"),
         says="exactly the LoRA parameters",
     ),
@@ -263,14 +278,14 @@ MUTANTS = [
 
 
 VARIANTS = [
-    Edit(  # as the course's own solution writes it: Lora modules per hook, einsum then .sum
+    Edit(  # the course's own ways: one einsum through A and B, a dispatch by if/elif, einops.reduce
         "course_style",
         (
             (
                 LORA_PRODUCTS,
                 "        return einops.einsum(\n"
                 '            x, self.A, self.B, "... inst d_in, inst d_in rank, inst rank d_out -> ... inst d_out"\n'
-                "        ) * self.scaling",
+                "        ) * (self.lora_alpha / self.rank)",
             ),
             (
                 QKV_DISPATCH,
@@ -282,40 +297,33 @@ VARIANTS = [
                 "            lora = self.lora_v\n"
                 "        else:\n"
                 '            raise ValueError(f"unexpected hook {hook.name}")\n'
-                "        return qkv + lora(self.attn_normalized.unsqueeze(-2))",
+                "        return qkv_hook_out + lora(self.cache_qkv_in.unsqueeze(-2))",
             ),
             (
                 OUT_HOOK,
                 "        lora_o = self.lora_o\n"
                 "        z_a = einops.einsum(\n"
-                '            self.z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
+                '            self.cache_z, lora_o.A, "batch pos head d_head, head d_head rank -> batch pos head rank"\n'
                 "        )\n"
                 "        per_head = einops.einsum(\n"
                 '            z_a, lora_o.B, "batch pos head rank, head rank d_model -> batch pos head d_model"\n'
                 "        )\n"
-                '        return attn_out + einops.reduce(per_head, "batch pos head d_model -> batch pos d_model", "sum") * lora_o.scaling',
+                '        return attn_out + einops.reduce(per_head, "batch pos head d_model -> batch pos d_model", "sum") * (lora_o.lora_alpha / lora_o.rank)',
             ),
         ),
     ),
-    Edit(  # its own names for everything the exercise text leaves open
-        "own_attribute_names",
+    Edit(  # the base class's forward_with_value_head (it reads fwd_hooks), generate by keyword
+        "inherited_forward_with_value_head",
         (
             (
-                "self.scaling = lora_alpha / rank",
-                "self.scale, self.inst = lora_alpha / rank, n_inst",
-            ),
-            ("return x_a_b * self.scaling", "return x_a_b * self.scale"),
-            ("n_inst = self.A.shape[0]\n", "n_inst = self.inst\n"),
-            (STORES, "        self.x_in = None\n        self.z_store = None"),
-            ("        self.attn_normalized = normalized\n", "        self.x_in = normalized\n"),
-            ("        self.z = z\n", "        self.z_store = z\n"),
-            (
-                '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")',
-                '        x = einops.rearrange(self.x_in, "batch pos d_model -> batch pos 1 d_model")',
+                "        with self.hooks(fwd_hooks=self.fwd_hooks):\n"
+                "            logits = self(tokens)\n"
+                "        return logits, self.value_head_output\n",
+                "        return super().forward_with_value_head(tokens)\n",
             ),
             (
-                "        per_head = self.lora_o(self.z)  # [batch, pos, head, d_model]",
-                "        per_head = self.lora_o(self.z_store)  # [batch, pos, head, d_model]",
+                "return super().generate(tokens, **kwargs)",
+                "return super().generate(input=tokens, **kwargs)",
             ),
         ),
     ),
@@ -324,14 +332,14 @@ VARIANTS = [
         (
             (
                 LORA_PRODUCTS,
-                '        x_a = torch.einsum("...id,idr->...ir", x, self.A) * self.scaling\n'
+                '        x_a = torch.einsum("...id,idr->...ir", x, self.A) * (self.lora_alpha / self.rank)\n'
                 '        return torch.einsum("...ir,iro->...io", x_a, self.B)',
             ),
             (
                 OUT_HOOK,
                 "        lora_o = self.lora_o\n"
-                '        z_a = torch.einsum("bphd,hdr->bphr", self.z.to(lora_o.A.dtype), lora_o.A)\n'
-                '        return attn_out + torch.einsum("bphr,hrm->bpm", z_a, lora_o.B) * lora_o.scaling',
+                '        z_a = torch.einsum("bphd,hdr->bphr", self.cache_z.to(lora_o.A.dtype), lora_o.A)\n'
+                '        return attn_out + torch.einsum("bphr,hrm->bpm", z_a, lora_o.B) * (lora_o.lora_alpha / lora_o.rank)',
             ),
         ),
     ),
@@ -341,23 +349,21 @@ VARIANTS = [
             (
                 LORA_PRODUCTS,
                 "        x_a = (x.unsqueeze(-2) @ self.A).squeeze(-2)\n"
-                "        return (x_a.unsqueeze(-2) @ self.B).squeeze(-2) * self.scaling",
+                "        return (x_a.unsqueeze(-2) @ self.B).squeeze(-2) * (self.lora_alpha / self.rank)",
             ),
             (
                 'kind = hook.name.split(".")[-1]',
                 "kind = next((k for k in adaptors if hook.name.endswith(k)), hook.name)",
             ),
             (
-                '        x = einops.rearrange(self.attn_normalized, "batch pos d_model -> batch pos 1 d_model")',
-                "        x = self.attn_normalized[:, :, None, :]",
+                '        x = einops.rearrange(self.cache_qkv_in, "batch pos d_model -> batch pos 1 d_model")',
+                "        x = self.cache_qkv_in[:, :, None, :]",
             ),
         ),
     ),
-    Edit(  # the scale as α/r at the point of use, and the hooks listed in another order
-        "scale_recomputed_and_hooks_reordered",
+    Edit(  # the given hook list edited: z stored before q/k/v are adapted (still before use)
+        "hooks_reordered",
         (
-            ("self.scaling = lora_alpha / rank", "self.lora_alpha, self.rank = lora_alpha, rank"),
-            ("return x_a_b * self.scaling", "return x_a_b * (self.lora_alpha / self.rank)"),
             ('(f"blocks.{i}.attn.hook_z", self.store_hook_z),\n', ""),
             (
                 '(f"blocks.{i}.ln1.hook_normalized", self.store_hook_attn_normalized),\n',

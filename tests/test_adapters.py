@@ -188,21 +188,28 @@ def test_a_peft_folder_is_refused_with_a_pointer_to_peft(tmp_path):
         read_adapter_config(tmp_path)
 
 
-def test_a_student_lora_that_names_its_scale_otherwise_saves_and_loads(tmp_path):
-    """α is read from the adaptor's own forward when its class keeps no `scaling`/`lora_alpha`."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from mutants import VARIANTS
-
-    from lora_rlhf.adapters import scaling_of
+def test_the_contract_is_read_from_a_course_written_submission_and_its_absence_named(tmp_path):
+    """α/r comes from the adaptor's own `lora_alpha` and `rank` (SPEC §4), as the course's given
+    Lora.__init__ keeps them; an adaptor without them is refused with their names."""
+    from lora_rlhf.adapters import AdaptorContractError, scaling_of
     from lora_rlhf.impl import load_impl
 
-    variant = next(v for v in VARIANTS if v.name == "own_attribute_names")
-    impl = load_impl(variant.write(tmp_path))
+    course = Path(__file__).parent / "grading_fixtures" / "course_submission.py"
+    impl = load_impl(str(course))
     model = impl.TransformerWithValueHeadLora.from_pretrained("tiny-llama", lora_alpha=8, rank=4)
-    lora_q = model.lora[0].lora_q
-    assert not hasattr(lora_q, "scaling") and not hasattr(lora_q, "lora_alpha")
-    assert scaling_of(lora_q) == 8 / 4
+    assert scaling_of(model.lora[0].lora_q) == 8 / 4
     save_adapter(model, tmp_path / "adapter")
     assert read_adapter_config(tmp_path / "adapter")["lora_alpha"] == 8
+
+    class OwnNames(torch.nn.Module):  # a student's adaptor keeping α/r under its own name
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Parameter(torch.zeros(1, 3, 2))
+            self.B = torch.nn.Parameter(torch.zeros(1, 2, 3))
+            self.scale = 4.0
+
+    with pytest.raises(AdaptorContractError, match="has no rank, lora_alpha: .*A, B, rank and"):
+        scaling_of(OwnNames())
+    model.lora[1].lora_v.rank = 3
+    with pytest.raises(AdaptorContractError, match="rank=3 but its A has shape"):
+        save_adapter(model, tmp_path / "again")

@@ -140,7 +140,7 @@ def test_a_model_run_under_no_grad_fails_the_model_gradient_check_saying_so(tmp_
         COURSE_SUBMISSION.read_text()
         + "\n\nclass TransformerWithValueHeadLora(TransformerWithValueHeadLora):\n"
         "    def forward_with_value_head(self, tokens):\n"
-        "        with torch.no_grad():\n"
+        "        with t.no_grad():\n"
         "            return super().forward_with_value_head(tokens)\n"
     )
     impl = load_impl(path)

@@ -9,18 +9,19 @@ differ from the lesson by no more than the lesson differs from its own float64 r
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from mutants import VARIANTS
 
-from lora_rlhf.adapters import disable_lora
+from lora_rlhf.adapters import AdaptorContractError, disable_lora
 from lora_rlhf.fast import fast_lora, install_fast_lora
 from lora_rlhf.impl import load_impl
 from lora_rlhf.lora import TransformerWithValueHeadLora
 from lora_rlhf.mlp_lora import TransformerWithValueHeadMlpLora
 
 ALPHA, RANK = 8.0, 4  # α/r = 2
+COURSE_SUBMISSION = Path(__file__).parent / "grading_fixtures" / "course_submission.py"
 GEN = dict(max_new_tokens=6, do_sample=False, verbose=False, stop_at_eos=False)
 
 
@@ -54,7 +55,7 @@ def forward_backward(model, toks) -> dict[str, torch.Tensor]:
 
 def lesson_and_fast(model, toks) -> tuple[dict, dict]:
     lesson = forward_backward(model, toks)
-    with fast_lora(model, ALPHA):
+    with fast_lora(model):
         fast = forward_backward(model, toks)
     return lesson, fast
 
@@ -85,12 +86,12 @@ def test_float32_agrees_with_the_lesson_to_the_lessons_own_rounding(name):
     assert_same(fast, lesson, lambda n: 2 * noise[n] + 1e-6 * lesson[n].abs().max().item())
 
 
-def test_a_student_model_with_its_own_attribute_names_runs_fast_too(tmp_path):
-    """Only SPEC's names are read: lora[i].lora_q/k/v/o with A and B, lora_fwd_hooks, fwd_hooks."""
-    variant = next(v for v in VARIANTS if v.name == "own_attribute_names")
-    impl = load_impl(variant.write(tmp_path))
+def test_a_model_written_the_way_the_course_writes_it_runs_fast_too():
+    """Only the contract is read (lora[i].lora_q/k/v/o with A, B, rank, lora_alpha;
+    lora_fwd_hooks, fwd_hooks): a submission in the course's own style runs the same function."""
+    impl = load_impl(str(COURSE_SUBMISSION))
     model = lora_model(model_class=impl.TransformerWithValueHeadLora, dtype=torch.float64)
-    assert not hasattr(model.lora[0].lora_q, "scaling")
+    assert type(model.lora[0].lora_q).__module__ != "lora_rlhf.lora"
     lesson, fast = lesson_and_fast(model, tokens(model))
     assert_same(fast, lesson, lambda n: 1e-12 * (1 + lesson[n].abs().max().item()))
 
@@ -110,7 +111,7 @@ def test_generate_gives_the_lessons_tokens_and_plain_forward_stays_the_base(use_
     with torch.no_grad():
         base = model(toks)
     want = model.generate(toks[:, :4], use_past_kv_cache=use_past_kv_cache, **GEN)
-    with fast_lora(model, ALPHA), torch.no_grad():
+    with fast_lora(model), torch.no_grad():
         got = model.generate(toks[:, :4], use_past_kv_cache=use_past_kv_cache, **GEN)
         plain = model(toks)
         with disable_lora(model):
@@ -123,7 +124,7 @@ def test_generate_gives_the_lessons_tokens_and_plain_forward_stays_the_base(use_
 def test_matrices_kept_outside_autograd_follow_changed_and_replaced_parameters():
     model = lora_model(dtype=torch.float64)
     toks = tokens(model)
-    with fast_lora(model, ALPHA):
+    with fast_lora(model):
         for step in range(3):
             with torch.no_grad():
                 fast, _ = model.forward_with_value_head(toks)
@@ -158,7 +159,7 @@ def test_the_block_undoes_everything_also_when_it_raises():
     toks = tokens(model)
     with torch.no_grad():
         before, _ = model.forward_with_value_head(toks)
-    with pytest.raises(KeyError), fast_lora(model, ALPHA):
+    with pytest.raises(KeyError), fast_lora(model):
         raise KeyError("inside")
     assert "generate" not in model.__dict__ and "forward_with_value_head" not in model.__dict__
     assert all("calculate_qkv_matrices" not in b.attn.__dict__ for b in model.blocks)
@@ -169,22 +170,25 @@ def test_the_block_undoes_everything_also_when_it_raises():
 
 def test_install_returns_the_undo_and_refuses_a_second_install():
     model = lora_model()
-    undo = install_fast_lora(model, ALPHA)
+    undo = install_fast_lora(model)
     with pytest.raises(RuntimeError, match="installed on this model already"):
-        install_fast_lora(model, ALPHA)
+        install_fast_lora(model)
     undo()
-    install_fast_lora(model, ALPHA)()
+    install_fast_lora(model)()
 
 
 def test_misuse_stops_with_a_message_that_names_it():
     model = lora_model()
-    with pytest.raises(
-        ValueError, match="lora_alpha=16 .* pass the lora_alpha the model was built"
-    ):
-        install_fast_lora(model, 16.0)
+    del model.lora[1].lora_k.lora_alpha  # an adaptor outside the contract (SPEC §4)
+    with pytest.raises(AdaptorContractError, match="Lora has no lora_alpha: .*A, B, rank and"):
+        install_fast_lora(model)
+    model.lora[1].lora_k.lora_alpha = 2 * ALPHA  # α/r differing within one layer
+    with pytest.raises(ValueError, match="differ in rank or α/r"):
+        install_fast_lora(model)
+    model.lora[1].lora_k.lora_alpha = ALPHA
     with pytest.raises(TypeError, match="Section 2 LoRA model"):
-        install_fast_lora(torch.nn.Linear(2, 2), ALPHA)
-    with fast_lora(model, ALPHA), torch.no_grad():  # the teaching hooks attached by hand as well
+        install_fast_lora(torch.nn.Linear(2, 2))
+    with fast_lora(model), torch.no_grad():  # the teaching hooks attached by hand as well
         with pytest.raises(RuntimeError, match="would be added twice"):
             with model.hooks(fwd_hooks=model.lora[0].list_fwd_hooks()):
                 model.forward_with_value_head(tokens(model))
@@ -200,7 +204,7 @@ def test_a_model_whose_fwd_hooks_ignore_lora_fwd_hooks_is_refused():
 
     model = lora_model(model_class=OwnHookList)
     with pytest.raises(TypeError, match="lora_fwd_hooks read at call time"):
-        install_fast_lora(model, ALPHA)
+        install_fast_lora(model)
 
 
 @pytest.mark.slow  # loads the embedded model

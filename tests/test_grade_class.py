@@ -34,12 +34,15 @@ def _with(old: str, new: str, source: str = COURSE) -> str:
     return source.replace(old, new)
 
 
+QKV_HOOK = "    def lora_hook_qkv(self, qkv_hook_out: Tensor, hook: HookPoint) -> Tensor:\n"
 HANG_IN_HOOK = _with(
-    "    def lora_hook_qkv(self, qkv: Tensor, hook: HookPoint) -> Tensor:\n",
-    "    def lora_hook_qkv(self, qkv: Tensor, hook: HookPoint) -> Tensor:\n"
-    "        while True:  # sleeps rather than spins: the limit is wall-clock time either way\n"
+    QKV_HOOK,
+    QKV_HOOK
+    + "        while True:  # sleeps rather than spins: the limit is wall-clock time either way\n"
     "            time.sleep(0.1)\n",
-    _with("import math\n", "import math\nimport time\n"),
+    _with("import math\n", "import math\nimport time\n")
+    if "\nimport time\n" not in COURSE
+    else COURSE,
 )
 CLASS = {
     "ada_correct": COURSE,
@@ -48,11 +51,11 @@ CLASS = {
     "dee_hangs_in_a_hook": HANG_IN_HOOK,
     "eve_tampers": _with(
         "FwdHook = tuple[str, Callable]\n",
-        "FwdHook = tuple[str, Callable]\ntorch.allclose = lambda *args, **kwargs: True\n",
+        "FwdHook = tuple[str, Callable]\nt.allclose = lambda *args, **kwargs: True\n",
     ),
     "fay_hogs_memory": _with(
         "        self.layer_idx = layer_idx\n",
-        "        self.layer_idx = layer_idx\n        torch.empty(3 * 2**28)  # 3 GiB: over 2048 MB\n",
+        "        self.layer_idx = layer_idx\n        t.empty(3 * 2**28)  # 3 GiB: over 2048 MB\n",
     ),
     "gus_no_trainer": COURSE.replace(TRAINER, ""),
 }

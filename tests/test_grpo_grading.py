@@ -4,6 +4,7 @@ stubs, for importing the library's GRPO code, or for tampering."""
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -73,11 +74,28 @@ def test_a_submission_without_a_grpo_file_has_no_bonus(tmp_path):
     assert bonus_file(GRPO) == GRPO  # a single file that defines the GRPO exercises
 
 
-def test_the_untouched_stubs_score_no_bonus(tmp_path):
+def test_the_untouched_stubs_are_one_not_attempted_line(tmp_path):
     stubs = (ROOT / "exercises" / "section3_grpo.py").read_text()
     results, notes = grade_bonus(folder(tmp_path, stubs, section2=False))
+    assert results == []
+    assert notes == [
+        "Bonus (GRPO): section3_grpo.py not attempted (its exercises are still stubs)."
+    ]
+
+
+def test_one_exercise_written_is_graded_in_full(tmp_path):
+    """Attempted at all, the bonus shows every check (here: the advantages written, the rest stubs)."""
+    stubs = (ROOT / "exercises" / "section3_grpo.py").read_text()
+    solved = GRPO.read_text()
+    (written,) = [
+        ast.get_source_segment(solved, node)
+        for node in ast.parse(solved).body
+        if isinstance(node, ast.FunctionDef) and node.name == "group_advantages"
+    ]
+    text = stubs + "\n\n" + written + "\n"  # the later definition replaces the stub
+    results, notes = grade_bonus(folder(tmp_path, text, section2=False))
     assert len(results) == 9 and not notes
-    assert all(not r.passed and "not implemented" in r.message for r in results)
+    assert any(r.passed for r in results) and any("not implemented" in r.message for r in results)
 
 
 @pytest.mark.parametrize(

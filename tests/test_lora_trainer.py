@@ -41,7 +41,8 @@ def test_reference_is_the_policy_itself():
 
 def test_optimizer_trains_only_lora_and_value_head():
     trainer = smoke_trainer(lora, "tiny-llama")
-    trainable = {id(p) for p in trainer.model.lora_params() + trainer.model.get_value_head_params()}
+    model = trainer.model  # the parameter methods return generators, as the course writes them
+    trainable = {id(p) for p in [*model.lora_params(), *model.get_value_head_params()]}
     in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert in_optimizer == trainable
 

@@ -13,7 +13,9 @@ import tokenize
 from lora_rlhf.impl import repo_root
 
 CLASSES = ("Lora", "LoraHooks", "TransformerWithValueHeadLora", "RLHFArgsLora", "RLHFTrainerLora")
-BUDGET = 150
+# 150 until the course's given code (the trainer's own __init__, the model's parameter methods,
+# the attributes Lora and LoraHooks keep) moved into the five classes (issue 23).
+BUDGET = 160
 NOT_CODE = {
     tokenize.COMMENT,
     tokenize.NL,

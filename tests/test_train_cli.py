@@ -237,7 +237,7 @@ def test_impl_with_unfinished_exercises_names_the_exercise(tmp_path, capsys):
     assert train(tmp_path / "run", "--impl", str(root / "exercises")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "Exercise TransformerWithValueHeadLora.from_pretrained" in err
+    assert "Exercise TransformerWithValueHeadLora.setup_lora" in err
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -96,16 +96,30 @@ def lora_targets(model: nn.Module) -> tuple[str, ...]:
     return tuple(t for t in ATTN_TARGETS + MLP_TARGETS if t in present)
 
 
-def scaling_of(lora: nn.Module) -> float:
-    """α/r of one ``Lora``: kept as ``scaling`` or ``lora_alpha``, else measured (a student's
-    class may name them as it likes)."""
-    from lora_rlhf.fast import measure_scaling
+# The adaptor contract (SPEC §4): what the fast path, merging, saving and PEFT export read from
+# every adaptor — the course's own names, which its given Lora.__init__ sets.
+CONTRACT = ("A", "B", "rank", "lora_alpha")
 
-    if getattr(lora, "scaling", None) is not None:
-        return float(lora.scaling)
-    if getattr(lora, "lora_alpha", None) is not None:
-        return float(lora.lora_alpha) / lora.A.shape[-1]
-    return measure_scaling(lora)
+
+class AdaptorContractError(TypeError):
+    """An adaptor without the attributes of the contract (:data:`CONTRACT`)."""
+
+
+def scaling_of(lora: nn.Module) -> float:
+    """α/r of one adaptor, read from its ``lora_alpha`` and ``rank`` (AdaptorContractError when
+    it lacks one of :data:`CONTRACT`, or when ``rank`` is not A's last axis)."""
+    missing = [name for name in CONTRACT if getattr(lora, name, None) is None]
+    if missing:
+        raise AdaptorContractError(
+            f"{type(lora).__name__} has no {', '.join(missing)}: an adaptor keeps A, B, rank and "
+            "lora_alpha under these names (Lora.__init__ as the course gives it sets them)"
+        )
+    if lora.A.shape[-1] != lora.rank:
+        raise AdaptorContractError(
+            f"{type(lora).__name__} has rank={lora.rank} but its A has shape "
+            f"{tuple(lora.A.shape)}: A's last axis is the rank"
+        )
+    return float(lora.lora_alpha) / lora.rank
 
 
 def adaptor_values(model: nn.Module) -> list[dict[str, tuple[Tensor, Tensor, float]]]:
@@ -118,18 +132,14 @@ def adaptor_values(model: nn.Module) -> list[dict[str, tuple[Tensor, Tensor, flo
 
 def rank_and_alpha(model: nn.Module) -> tuple[int, float]:
     loras = [lora for layer in layer_adaptors(model) for lora in layer.values()]
-    pairs = {
-        (int(getattr(lo, "rank", lo.A.shape[-1])), float(getattr(lo, "lora_alpha", 0.0)))
-        for lo in loras
-    }
+    for lora in loras:
+        scaling_of(lora)  # the contract's attributes are there
+    pairs = {(int(lo.rank), float(lo.lora_alpha)) for lo in loras}
     if len(pairs) != 1:
         raise ValueError(
             f"the adaptors of this model differ in (rank, lora_alpha): {sorted(pairs)}"
         )
-    rank, alpha = pairs.pop()
-    if alpha == 0.0:  # a Lora without .lora_alpha: recover α from α/r
-        alpha = scaling_of(loras[0]) * rank
-    return rank, alpha
+    return pairs.pop()
 
 
 # ---------------------------------------------------------------------------------------------

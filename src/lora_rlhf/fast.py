@@ -19,12 +19,11 @@ cost more than the adaptors' arithmetic (docs/benchmarks.md). The fast path comp
   a parameter is replaced or changed in place, and products are accumulated into the activation
   (``addmm_``). Under autograd they are built anew each pass, so gradients reach every A and B.
 
-Only SPEC-fixed names are read — ``model.lora[i].lora_q/k/v/o`` with parameters ``A`` and ``B`` —
-so it runs the library's classes and a student's alike. α is not stored under a fixed name, so
-it is passed in (the ``lora_alpha`` the model was built with; r is A's last axis); a wrong one is
-refused by comparing with what the adaptors' own forward computes.
+Only the adaptor contract is read (SPEC §4; :func:`lora_rlhf.adapters.scaling_of`) —
+``model.lora[i].lora_q/k/v/o``, each with ``A``, ``B``, ``rank`` and ``lora_alpha`` — so it runs
+the library's classes and a student's alike.
 
-``fast_lora(model, lora_alpha)`` switches it on for a block, ``install_fast_lora`` for good (it
+``fast_lora(model)`` switches it on for a block, ``install_fast_lora`` for good (it
 returns the undo). In between, ``forward_with_value_head`` and ``generate`` run fast; plain
 ``forward`` stays the base model (π_ref). ``with_fast_lora(trainer_class)`` gives the trainer
 whose model runs this way: what ``lora-rlhf train --impl library`` trains (any other ``--impl``
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.components import GroupedQueryAttention
 
+from lora_rlhf.adapters import scaling_of
 from lora_rlhf.lora import RLHFTrainerLora
 
 # The teaching hooks of layer i whose work the fast path does (any other LoRA hook, e.g. the MLP
@@ -51,21 +51,21 @@ UNSUPPORTED = ("use_split_qkv_input", "use_attn_in", "load_in_4bit", "use_qk_nor
 
 
 @contextmanager
-def fast_lora(model: nn.Module, lora_alpha: float) -> Iterator[nn.Module]:
+def fast_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `model.forward_with_value_head` and `model.generate` run the adaptors
     through the fast path; everything is undone on the way out, also when the block raises."""
-    undo = install_fast_lora(model, lora_alpha)
+    undo = install_fast_lora(model)
     try:
         yield model
     finally:
         undo()
 
 
-def install_fast_lora(model: nn.Module, lora_alpha: float) -> Callable[[], None]:
+def install_fast_lora(model: nn.Module) -> Callable[[], None]:
     """Run `model`'s adaptors through the fast path from now on; returns the function undoing it."""
     layers = _adaptor_layers(model)
     teaching = model.lora_fwd_hooks
-    fast = [FastLayer(i, model.blocks[i].attn, layer, lora_alpha) for i, layer in enumerate(layers)]
+    fast = [FastLayer(i, model.blocks[i].attn, layer) for i, layer in enumerate(layers)]
     done = {f"blocks.{i}.{name}" for i in range(len(layers)) for name in ATTN_HOOKS + OUT_HOOKS}
     hooks = [hook for layer in fast for hook in layer.out_hooks()]
     hooks += [(name, fn) for name, fn in teaching if name not in done]  # e.g. MLP adaptors
@@ -106,13 +106,12 @@ def install_fast_lora(model: nn.Module, lora_alpha: float) -> Callable[[], None]
 
 def with_fast_lora(trainer_class: type[RLHFTrainerLora]) -> type[RLHFTrainerLora]:
     """`trainer_class` (RLHFTrainerLora or a subclass) whose model runs its adaptors through the
-    fast path, installed right after `build_model` with the run's `args.lora_alpha`."""
+    fast path, installed as soon as its `__init__` has built the model."""
 
     class Fast(trainer_class):
-        def build_model(self):
-            model = super().build_model()
-            install_fast_lora(model, self.args.lora_alpha)
-            return model
+        def __init__(self, args, *more, **kwargs):
+            super().__init__(args, *more, **kwargs)
+            install_fast_lora(self.model)
 
     Fast.__name__ = Fast.__qualname__ = f"Fast{trainer_class.__name__}"
     Fast.__doc__ = f"{trainer_class.__name__}, its adaptors run through lora_rlhf.fast."
@@ -128,15 +127,16 @@ FastRLHFTrainerLora = with_fast_lora(RLHFTrainerLora)
 class FastLayer:
     """One attention layer's adaptors, computed the fast way while `active`."""
 
-    def __init__(self, index: int, attn: nn.Module, layer: nn.Module, lora_alpha: float):
+    def __init__(self, index: int, attn: nn.Module, layer: nn.Module):
         self.index, self.attn, self.active = index, attn, False
         self.loras = [getattr(layer, f"lora_{t}") for t in "qkvo"]
-        ranks = {lora.A.shape[-1] for lora in self.loras}
-        if len(ranks) != 1:
-            raise ValueError(f"fast_lora: the adaptors of one layer differ in rank: {ranks}")
-        self.scale = lora_alpha / ranks.pop()
-        for lora in self.loras:
-            _check_scale(lora, self.scale, lora_alpha)
+        scales = {scaling_of(lora) for lora in self.loras}
+        ranks = {lora.rank for lora in self.loras}
+        if len(ranks) != 1 or len(scales) != 1:
+            raise ValueError(
+                f"fast_lora: the adaptors of one layer differ in rank or α/r: {ranks}, {scales}"
+            )
+        self.scale = scales.pop()
         grouped = isinstance(attn, GroupedQueryAttention)
         kv = ("_W_K", "_b_K", "_W_V", "_b_V") if grouped else ("W_K", "b_K", "W_V", "b_V")
         self.weights = ("W_Q", "b_Q", *kv)
@@ -330,31 +330,3 @@ def _check_fwd_hooks_read_lora_fwd_hooks(model, fast_hooks, teaching) -> None:
             "fast_lora: model.fwd_hooks does not start with model.lora_fwd_hooks read at call "
             "time, so the fast path cannot replace the teaching hooks"
         )
-
-
-def _check_scale(lora: nn.Module, scale: float, lora_alpha: float) -> None:
-    """Refuse an α that does not match the adaptor's own forward."""
-    measured = measure_scaling(lora)
-    if abs(measured - scale) > 1e-3 * abs(scale):
-        raise ValueError(
-            f"fast_lora: lora_alpha={lora_alpha:g} gives α/r = {scale:g}, but the adaptors scale "
-            f"(x A) B by {measured:.6g}: pass the lora_alpha the model was built with"
-        )
-
-
-@torch.inference_mode(False)
-def measure_scaling(lora: nn.Module) -> float:
-    """α/r of one adaptor, measured from its own forward: a student's `Lora` may keep α and r
-    under any names. Through the gradient with respect to B, `d Σ lora(x) / dB = (α/r)·(x A)ᵀ·1`,
-    which needs no non-zero B (and leaves the adaptor's own parameters untouched)."""
-    A = lora.A.detach()
-    B = lora.B.detach().clone().requires_grad_(True)
-    x = torch.linspace(-1, 1, A.shape[1], dtype=A.dtype, device=A.device).expand(1, 1, -1)
-    with torch.enable_grad():
-        out = torch.func.functional_call(lora, {"A": A, "B": B}, (x,))
-        (grad_B,) = torch.autograd.grad(out.sum(), B)
-    with torch.no_grad():
-        x_a = torch.einsum("d,idr->ir", x[0, 0].double(), A.double())
-        measured = float((grad_B[..., 0].double() * x_a).sum() / (x_a * x_a).sum())
-    # to 6 significant digits: float32's rounding would otherwise show in a saved α (7.9999999)
-    return float(f"{measured:.6g}")

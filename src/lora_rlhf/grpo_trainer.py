@@ -17,6 +17,7 @@ from typing import Any
 from lora_rlhf.args import ArgsError
 from lora_rlhf.grpo import GroupMemory, GRPOArgsLora, GRPOTrainerLora
 from lora_rlhf.lora import RLHFArgsLora
+from lora_rlhf.trainer import PhaseCallback, seed_everything
 
 DEFAULT_GROUP_SIZE = GRPOArgsLora.group_size
 DEFAULT_ADVANTAGE = GRPOArgsLora.advantage
@@ -46,8 +47,17 @@ def grpo_args(
 class GRPOTrainer(GRPOTrainerLora):
     """:class:`GRPOTrainerLora` taking the command's RLHFArgsLora, with its KL controller."""
 
-    def __init__(self, args: RLHFArgsLora, **kwargs: Any) -> None:
-        super().__init__(grpo_args(args), **kwargs)
+    def __init__(
+        self,
+        args: RLHFArgsLora,
+        on_phase_end: PhaseCallback | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        super().__init__(grpo_args(args))
+        # As RLHFTrainer's own __init__: sampling depends on the seed alone, not on what building
+        # the model drew (the command seeds again anyway: lora_rlhf.trainer.build_trainer).
+        seed_everything(args.seed)
+        self.on_phase_end, self.show_progress = on_phase_end, show_progress
 
     @classmethod
     def command_args(cls, args: RLHFArgsLora, settings: dict[str, Any]) -> GRPOArgsLora:

@@ -152,8 +152,8 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## Exercise B2 — `TransformerWithValueHeadMlpLora`: attention and MLP adaptors
 #
-# Subclass `TransformerWithValueHeadLora`. Its `from_pretrained` freezes the base weights and calls
-# `setup_lora`; extend `setup_lora` to also build `self.mlp_lora` (an `nn.ModuleList` of one
+# Subclass `TransformerWithValueHeadLora`. Its `from_pretrained` calls `setup_lora`, then freezes the
+# base weights; extend `setup_lora` to also build `self.mlp_lora` (an `nn.ModuleList` of one
 # `MlpLoraHooks` per layer, on the model's device) and to append their hooks to
 # `self.lora_fwd_hooks`. Everything that reads `lora_fwd_hooks` (the hooked forward, `generate`,
 # `disable_lora`) then sees the MLP adaptors too. Given: `lora_params()` returns both kinds of
@@ -166,8 +166,8 @@ class TransformerWithValueHeadMlpLora(TransformerWithValueHeadLora):
 
     mlp_lora: nn.ModuleList
 
-    def setup_lora(self, lora_alpha: float = 32, rank: int = 4) -> None:
-        super().setup_lora(lora_alpha, rank)
+    def setup_lora(self, lora_alpha: float = 32, rank: int = 4, **kwargs) -> None:
+        super().setup_lora(lora_alpha, rank, **kwargs)
         # >>> exercise: TransformerWithValueHeadMlpLora.setup_lora — one MlpLoraHooks per layer, hooks appended
         self.mlp_lora = nn.ModuleList(
             MlpLoraHooks(i, self.cfg, lora_alpha, rank, dtype=self.cfg.dtype)

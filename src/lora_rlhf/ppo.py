@@ -57,7 +57,7 @@ def get_samples(
     prompt_ids = model.to_tokens(prompt, prepend_bos=prepend_bos).squeeze(0)
     batch = einops.repeat(prompt_ids, "seq -> batch seq", batch=batch_size)
     output = model.generate(
-        input=batch,
+        batch,  # positional: the course's generate(self, tokens, **kwargs) names it `tokens`
         max_new_tokens=gen_len,
         temperature=temperature,
         top_k=top_k,

@@ -1,8 +1,10 @@
 """Notebook-style checks of the Section 2 exercises (SPEC §4).
 
-Each takes the student's class (or model), runs every check of that exercise, raises an
-AssertionError that says what is wrong, and prints a success line. The same checks run under
-pytest (``tests/``) and in the grader (``lora-rlhf grade``).
+Each takes the student's class (or model), runs the grader's own checks of that exercise (the
+gradient checks included), raises an AssertionError that lists every failing check with its
+diagnosis, and prints a success line. The last check function of an exercise runs every graded
+check of it, so a green notebook means full marks: a check function fails exactly when the grader
+(``lora-rlhf grade``) takes points off its exercise. The same checks run under pytest (``tests/``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,20 @@ from types import SimpleNamespace
 
 from lora_rlhf.checks.core import Check, checks_for, run_check
 
+# Checks whose message names a specific mistake run before the broad comparisons with the merged
+# model, so a listed failure starts with its most telling diagnosis.
+HOOKS_ORDER = (
+    "hooks_adaptor_shapes",
+    "hooks_names",
+    "hooks_qkv_dispatch",
+    "hooks_out_summed",
+    "hooks_merged_tiny_llama",
+    "hooks_merged_tiny_pythia",
+    "hooks_gradients_tiny_llama",
+    "hooks_gradients_tiny_pythia",
+)
+FWD_HOOKS_LIST = ("model_fwd_hooks", "model_frozen_params")
+
 
 def _run(checks: list[Check], impl, what: str) -> None:
     failures = []
@@ -18,20 +34,33 @@ def _run(checks: list[Check], impl, what: str) -> None:
         result = run_check(c, impl)
         stub = result.message.removeprefix("raised not implemented yet: ")
         if stub != result.message:
-            # an untouched stub: stop with its own error, which names the exercise to fill in
-            raise NotImplementedError(stub)
+            # an untouched stub: stop with its own error, which names the exercise to fill in,
+            # and what already failed before it
+            n = len(failures)
+            earlier = f"\nBefore it, {n} check{'s' * (n != 1)} failed:\n" if n else ""
+            raise NotImplementedError(stub + earlier + "\n".join(failures))
         if not result.passed:
-            failures.append(f"  ✗ {c.name} — {c.description}\n      {result.message}")
+            failures.append(
+                f"  ✗ {c.name} ({c.points:g} pts) — {c.description}\n      {result.message}"
+            )
     if failures:
         raise AssertionError(
             f"{what}: {len(failures)} of {len(checks)} checks failed\n" + "\n".join(failures)
         )
-    print(f"All {len(checks)} checks of {what} passed.")
+    print(f"All {len(checks)} checks of {what} passed." if len(checks) > 1 else f"{what}: passed.")
+
+
+def _ordered(exercise: str, first: tuple[str, ...] = ()) -> list[Check]:
+    """Every graded check of `exercise`, those named in `first` first (in that order)."""
+    checks = checks_for(exercise)
+    rank = {name: i for i, name in enumerate(first)}
+    return sorted(checks, key=lambda c: rank.get(c.name, len(rank)))
 
 
 def testing_lora(Lora) -> None:
-    """Shapes, init, the (α/r)·(xA)B formula with non-zero B, broadcasting, dtype, FLOPs, gradients."""
-    _run(checks_for("Lora"), SimpleNamespace(Lora=Lora), "Lora")
+    """Every graded check of Lora: shapes, init, the (α/r)·(xA)B formula with non-zero B,
+    broadcasting, dtype, the (xA)B order, gradients."""
+    _run(_ordered("Lora"), SimpleNamespace(Lora=Lora), "Lora")
 
 
 def _hooks_impl(LoraHooks):
@@ -39,20 +68,14 @@ def _hooks_impl(LoraHooks):
 
 
 def testing_lora_hooks(LoraHooks) -> None:
-    """Adaptor counts and shapes (GQA), hook names, and hooked model == merged model."""
-    names = {
-        "hooks_adaptor_shapes",
-        "hooks_names",
-        "hooks_merged_tiny_llama",
-        "hooks_merged_tiny_pythia",
-    }
-    _run(
-        [c for c in checks_for("LoraHooks") if c.name in names], _hooks_impl(LoraHooks), "LoraHooks"
-    )
+    """Every graded check of LoraHooks, specific diagnoses first: adaptor counts and shapes (GQA),
+    hook names, q/k/v dispatch, the out-hook, hooked model == merged model, gradients."""
+    _run(_ordered("LoraHooks", HOOKS_ORDER), _hooks_impl(LoraHooks), "LoraHooks")
 
 
 def testing_lora_hooks_qkv_dispatch_and_out(LoraHooks) -> None:
-    """q/k/v dispatch by hook name (unknown name → ValueError) and the out-hook summed over heads."""
+    """q/k/v dispatch by hook name (unknown name → ValueError) and the out-hook summed over heads
+    (both also run by testing_lora_hooks)."""
     names = {"hooks_qkv_dispatch", "hooks_out_summed"}
     _run(
         [c for c in checks_for("LoraHooks") if c.name in names],
@@ -62,23 +85,33 @@ def testing_lora_hooks_qkv_dispatch_and_out(LoraHooks) -> None:
 
 
 def test_lora_fwd_hooks_list(model) -> None:
-    """fwd_hooks content and length (1 + 6·n_layers) of a TransformerWithValueHeadLora on tiny-llama."""
-    names = {"model_fwd_hooks", "model_frozen_params"}
-    checks = [c for c in checks_for("TransformerWithValueHeadLora") if c.name in names]
+    """fwd_hooks content and length (1 + 6·n_layers), frozen and trainable parameters, of a
+    TransformerWithValueHeadLora on tiny-llama (the part of the exercise written by setup_lora)."""
+    checks = [c for c in checks_for("TransformerWithValueHeadLora") if c.name in FWD_HOOKS_LIST]
     _run_on_model(checks, model, "fwd_hooks")
 
 
 def test_lora_model_forward_methods(model) -> None:
-    """forward_with_value_head, plain forward, generate, hook calls and leaks of a tiny-llama model."""
-    names = {
-        "model_forward_with_value_head",
-        "model_plain_forward_is_base",
-        "model_generate",
-        "model_hook_calls",
-        "model_no_hook_leak",
-    }
-    checks = [c for c in checks_for("TransformerWithValueHeadLora") if c.name in names]
-    _run_on_model(checks, model, "forward methods")
+    """Every graded check of TransformerWithValueHeadLora on a tiny-llama model: forward_with_value_head,
+    plain forward, generate, hook calls and leaks, a training step, gradients, and fwd_hooks."""
+    checks = _ordered("TransformerWithValueHeadLora")
+    checks = [c for c in checks if c.name not in FWD_HOOKS_LIST] + [
+        c for c in checks if c.name in FWD_HOOKS_LIST
+    ]
+    _run_on_model(checks, model, "TransformerWithValueHeadLora")
+
+
+def test_rlhf_trainer_lora(
+    RLHFTrainerLora, TransformerWithValueHeadLora, RLHFArgsLora=None
+) -> None:
+    """The graded smoke run: the course's RLHFTrainerLora training the student's model class on
+    tiny-llama (2 phases), with the library's RLHFArgsLora unless another is passed."""
+    impl = SimpleNamespace(
+        RLHFTrainerLora=RLHFTrainerLora,
+        TransformerWithValueHeadLora=TransformerWithValueHeadLora,
+        RLHFArgsLora=RLHFArgsLora,
+    )
+    _run(_ordered("RLHFTrainerLora"), impl, "the RLHFTrainerLora smoke run")
 
 
 def _run_on_model(checks, model, what):

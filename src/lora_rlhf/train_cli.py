@@ -69,8 +69,8 @@ def _grpo_trainer() -> type:
 
 
 # --algo name -> (one-line description, a function returning the trainer class). Another algorithm
-# registers itself here; its trainer takes RLHFArgsLora and builds the model from ``model_class``,
-# so that --impl can swap in a submission's TransformerWithValueHeadLora.
+# registers itself here; its trainer's ``__init__`` takes RLHFArgsLora alone and builds the model
+# from ``model_class``, so that --impl can swap in a submission's TransformerWithValueHeadLora.
 ALGOS: dict[str, tuple[str, Callable[[], type]]] = {
     "ppo": ("PPO with a value head (Section 1)", _ppo_trainer),
     "grpo": ("GRPO, groups of samples and no value head (bonus section)", _grpo_trainer),
@@ -213,8 +213,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
     """The ``--algo`` trainer (RLHFTrainerLora for ppo), training the ``--impl`` submission's
-    ``TransformerWithValueHeadLora``."""
+    ``TransformerWithValueHeadLora``: for ppo, the submission's own ``RLHFTrainerLora`` when it
+    defines one, else the library's, building the submission's model."""
     from lora_rlhf.impl import ImplementationError, load_impl
+    from lora_rlhf.trainer import RLHFTrainer
     from lora_rlhf.value_head import HookedTransformerWithValueHead
 
     if algo not in ALGOS:
@@ -238,6 +240,9 @@ def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
             f"--impl {impl_spec}: its TransformerWithValueHeadLora must subclass "
             "lora_rlhf.value_head.HookedTransformerWithValueHead"
         )
+    own = getattr(module, "RLHFTrainerLora", None)
+    if algo == "ppo" and isinstance(own, type) and issubclass(own, RLHFTrainer):
+        return own  # the submission's own trainer (the course gives it), building its own model
     return type(trainer_class.__name__, (trainer_class,), {"model_class": model_class})
 
 
@@ -301,8 +306,9 @@ def train(plan: Plan) -> int:
     """Run a checked plan; return the exit status (0, or 130 when interrupted)."""
     import torch
 
-    from lora_rlhf.adapters import AdapterMismatchError
+    from lora_rlhf.adapters import AdapterMismatchError, AdaptorContractError, rank_and_alpha
     from lora_rlhf.models import ModelUnavailableError
+    from lora_rlhf.trainer import build_trainer
 
     if plan.threads:
         torch.set_num_threads(plan.threads)
@@ -319,13 +325,17 @@ def train(plan: Plan) -> int:
     recorder = RunRecorder(plan)
     loading = time.perf_counter()
     try:
-        trainer = plan.trainer_class(
-            args, on_phase_end=recorder.on_phase_end, show_progress=plan.show_progress
+        trainer = build_trainer(
+            plan.trainer_class, args, recorder.on_phase_end, show_progress=plan.show_progress
         )
+        rank_and_alpha(trainer.model)  # the adaptor contract, read when the adapter is saved
         if plan.resume is not None:
             restore(trainer, plan.resume)
     except (ModelUnavailableError, AdapterMismatchError) as err:
         print(f"lora-rlhf train: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except AdaptorContractError as err:
+        print(f"lora-rlhf train: error: --impl {s['impl']}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except NotImplementedError as err:
         return _unfinished(s["impl"], err)

@@ -7,7 +7,10 @@ clipped surrogate − value loss + entropy bonus − KL penalty.
 
 Subclass hooks: :meth:`RLHFTrainer.build_model`, :meth:`RLHFTrainer.build_ref_model`,
 :meth:`RLHFTrainer.build_optimizer_and_scheduler`, :meth:`RLHFTrainer.compute_rewards`; and
-:meth:`RLHFTrainer.run_phase` runs one phase on its own (e.g. to time it).
+:meth:`RLHFTrainer.run_phase` runs one phase on its own (e.g. to time it). A subclass may also
+replace ``__init__`` entirely, as Section 2's course-shaped ``RLHFTrainerLora`` does: whatever
+the phases need and its ``__init__`` did not set (device, KL controller, history, progress
+settings) is made on first use (see ``_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_trainer(
+    trainer_class: type[RLHFTrainer],
+    args: RLHFArgs,
+    on_phase_end: PhaseCallback | None = None,
+    show_progress: bool = True,
+) -> RLHFTrainer:
+    """`trainer_class(args)` (any ``__init__(self, args)``: the library's, a subclass's, the
+    course's), then seeded again and given the callback and progress setting. Building a model
+    draws from the random number generators (and TransformerLens may reseed them), so sampling
+    depends on ``args.seed`` alone only when the generators are seeded after it, as
+    :class:`RLHFTrainer`'s own ``__init__`` does."""
+    trainer = trainer_class(args)
+    seed_everything(args.seed)
+    trainer.on_phase_end = on_phase_end
+    trainer.show_progress = show_progress
+    return trainer
+
+
 def _wandb_api_key_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -77,6 +98,38 @@ def _wandb_api_key_available() -> bool:
         return netrc.netrc().authenticators(host.split("/", 1)[0]) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def _model_device(trainer: RLHFTrainer) -> torch.device:
+    model = trainer.__dict__.get("model")
+    if model is not None:
+        param = next(model.parameters(), None)
+        if param is not None:
+            return param.device
+    args = trainer.args
+    return torch.device(args.device) if getattr(args, "device", None) else default_device()
+
+
+# What ``train()`` and the phases need beyond what a subclass's own ``__init__`` sets. Section 2's
+# course-shaped ``RLHFTrainerLora.__init__`` sets only args, run_name, model, ref_model, optimizer,
+# scheduler and prefix_len (it does not call ``RLHFTrainer.__init__``): the rest is made here, on
+# first use, as this class's ``__init__`` would have made it.
+_DEFAULTS: dict[str, Callable[[RLHFTrainer], Any]] = {
+    "device": _model_device,
+    "kl_controller": lambda t: make_kl_controller(t.args),
+    "on_phase_end": lambda t: None,
+    "show_progress": lambda t: True,
+    "phase": lambda t: 0,
+    "history": lambda t: [],
+    "samples": lambda t: [],
+    "rewards": lambda t: None,
+    "sample_history": lambda t: [],
+    "_phase_stats": lambda t: {},
+    "_minibatch_stats": lambda t: [],
+    "run_name": lambda t: (
+        f"{t.args.wandb_project_name}__seed{t.args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    ),
+}
 
 
 class RLHFTrainer:
@@ -105,9 +158,7 @@ class RLHFTrainer:
         self.on_phase_end = on_phase_end
         self.show_progress = show_progress
         self.device = torch.device(args.device) if args.device else default_device()
-        self.run_name = (
-            f"{args.wandb_project_name}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-        )
+        self.run_name = _DEFAULTS["run_name"](self)
 
         seed_everything(args.seed)
         self.model = self.build_model()
@@ -128,6 +179,15 @@ class RLHFTrainer:
         self.sample_history: list[list[str]] = []
         self._phase_stats: dict[str, Any] = {}
         self._minibatch_stats: list[dict[str, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when `name` is not set: a subclass's own __init__ left it out.
+        make = _DEFAULTS.get(name)
+        if make is None or name == "args" or "args" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = make(self)
+        setattr(self, name, value)
+        return value
 
     # ------------------------------------------------------------------ extension points
 

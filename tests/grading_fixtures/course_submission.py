@@ -1,25 +1,34 @@
-"""A complete, course-shaped submission, written as a student would after reading the exercises.
+"""A complete submission written the way the course writes Section 2: its given code and model
+answers in one file, with only the imports pointed at `lora_rlhf` (our own text, not a copy).
 
-The grader's tests make their backward-pass mutants and correct variants from this file by small
-text edits (tests/backward_mutants.py), so they do not depend on the solution's exact text.
+Course habits kept on purpose, since the library must take them as they are: `import torch as t`,
+a module-level `device`, `einops.repeat` for the instance axis and an `assert` (not a ValueError)
+when it does not fit, generators from the parameter methods, `generate(tokens, **kwargs)`, and a
+trainer whose `__init__(self, args)` does not call `super().__init__`.
+
+The grader's tests score it (it must get 100) and train with it (`lora-rlhf train --impl`), and
+tests/backward_mutants.py makes its backward-pass mutants and variants from it by text edits.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import einops
-import torch
+import torch as t
 from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from lora_rlhf.args import RLHFArgs
-from lora_rlhf.models import DEFAULT_MODEL
+from lora_rlhf.ppo import get_optimizer_and_scheduler
 from lora_rlhf.trainer import RLHFTrainer
 from lora_rlhf.value_head import HookedTransformerWithValueHead
+
+device = t.device("cuda" if t.cuda.is_available() else "cpu")
 
 FwdHook = tuple[str, Callable]
 
@@ -32,51 +41,62 @@ class Lora(nn.Module):
         rank: int = 4,
         lora_alpha: float = 32,
         n_inst: int | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: t.dtype | None = None,
     ):
         super().__init__()
+        self.rank = rank
+        self.d_in = d_in
+        self.d_out = d_out
         self.n_inst = 1 if n_inst is None else n_inst
-        self.rank, self.lora_alpha, self.dtype = rank, lora_alpha, dtype
-        self.A = nn.Parameter(torch.empty(self.n_inst, d_in, rank, dtype=dtype))
-        self.B = nn.Parameter(torch.zeros(self.n_inst, rank, d_out, dtype=dtype))
+        self.lora_alpha = lora_alpha
+        self.dtype = dtype
+
+        self.A = nn.Parameter(t.empty(self.n_inst, d_in, rank, dtype=dtype))
+        self.B = nn.Parameter(t.zeros(self.n_inst, rank, d_out, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2] not in (1, self.n_inst):
-            raise ValueError(f"expected {self.n_inst} instances (or 1), got shape {x.shape}")
-        if self.dtype is not None:
-            x = x.to(self.dtype)
+        x = x.to(self.A.dtype)
+        if x.shape[-2] == 1:
+            x = einops.repeat(x, "... 1 d_in -> ... n_inst d_in", n_inst=self.n_inst)
+        assert x.shape[-2] == self.n_inst, f"expected {self.n_inst} instances, got {x.shape[-2]}"
         x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")
         x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")
         return x_a_b * (self.lora_alpha / self.rank)
 
 
 class LoraHooks(nn.Module):
+    cache_qkv_in = None
+    cache_z = None
+
     def __init__(
         self,
         layer_idx: int,
         cfg: HookedTransformerConfig,
         lora_alpha: float = 32,
         rank: int = 4,
-        dtype: torch.dtype | None = None,
+        dtype: t.dtype | None = None,
     ):
         super().__init__()
         self.layer_idx = layer_idx
-        n_kv = cfg.n_key_value_heads or cfg.n_heads
-        self.lora_q = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, cfg.n_heads, dtype)
-        self.lora_k = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, n_kv, dtype)
-        self.lora_v = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, n_kv, dtype)
-        self.lora_o = Lora(cfg.d_head, cfg.d_model, rank, lora_alpha, cfg.n_heads, dtype)
-        self.attn_normalized = None
-        self.z = None
+        self.rank = rank
+        self.lora_alpha = lora_alpha
+        self.dtype = dtype
+        self.n_qo_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+
+        self.lora_q = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, self.n_qo_heads, dtype)
+        self.lora_k = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, self.n_kv_heads, dtype)
+        self.lora_v = Lora(cfg.d_model, cfg.d_head, rank, lora_alpha, self.n_kv_heads, dtype)
+        self.lora_o = Lora(cfg.d_head, cfg.d_model, rank, lora_alpha, self.n_qo_heads, dtype)
 
     def store_hook_attn_normalized(self, normalized: Tensor, hook: HookPoint) -> None:
-        self.attn_normalized = normalized
+        self.cache_qkv_in = normalized
 
     def store_hook_z(self, z: Tensor, hook: HookPoint) -> None:
-        self.z = z
+        self.cache_z = z
 
-    def lora_hook_qkv(self, qkv: Tensor, hook: HookPoint) -> Tensor:
+    def lora_hook_qkv(self, qkv_hook_out: Tensor, hook: HookPoint) -> Tensor:
         if hook.name.endswith("hook_q"):
             lora = self.lora_q
         elif hook.name.endswith("hook_k"):
@@ -85,11 +105,11 @@ class LoraHooks(nn.Module):
             lora = self.lora_v
         else:
             raise ValueError(f"unexpected hook {hook.name}")
-        x = self.attn_normalized
-        return qkv + lora(x.unsqueeze(-2))
+        x = self.cache_qkv_in
+        return qkv_hook_out + lora(x.unsqueeze(-2))
 
     def lora_hook_out(self, attn_out: Tensor, hook: HookPoint) -> Tensor:
-        z = self.z
+        z = self.cache_z
         return attn_out + self.lora_o(z).sum(-2)
 
     def list_fwd_hooks(self) -> list[FwdHook]:
@@ -106,27 +126,19 @@ class LoraHooks(nn.Module):
 
 class TransformerWithValueHeadLora(HookedTransformerWithValueHead):
     @classmethod
-    def from_pretrained(
-        cls,
-        name: str = DEFAULT_MODEL,
-        lora_alpha: float = 32,
-        rank: int = 4,
-        use_value_head: bool = True,
-        device=None,
-        dtype=None,
-        **kwargs,
-    ):
-        model = super().from_pretrained(
-            name, use_value_head=use_value_head, device=device, dtype=dtype, **kwargs
-        )
+    def from_pretrained(cls, *args, lora_alpha=32, rank=4, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.setup_lora(lora_alpha=lora_alpha, rank=rank, **kwargs)
         for param in model.base_model_params():
-            param.requires_grad_(False)
-        model.setup_lora(lora_alpha, rank)
+            param.requires_grad = False
         return model
 
-    def setup_lora(self, lora_alpha: float = 32, rank: int = 4) -> None:
+    def setup_lora(self, lora_alpha=32, rank=4, **kwargs):
         self.lora = nn.ModuleList(
-            [LoraHooks(i, self.cfg, lora_alpha, rank) for i in range(self.cfg.n_layers)]
+            [
+                LoraHooks(i, self.cfg, lora_alpha, rank, dtype=self.cfg.dtype)
+                for i in range(self.cfg.n_layers)
+            ]
         ).to(self.cfg.device)
         self.lora_fwd_hooks = [hook for layer in self.lora for hook in layer.list_fwd_hooks()]
 
@@ -134,39 +146,52 @@ class TransformerWithValueHeadLora(HookedTransformerWithValueHead):
     def fwd_hooks(self) -> list[FwdHook]:
         return self.lora_fwd_hooks + [self.value_head_hook]
 
-    def generate(self, *args, **kwargs):
+    def forward_with_value_head(self, tokens):
+        with self.hooks(fwd_hooks=self.fwd_hooks):
+            logits = self.forward(tokens)
+        return logits, self.value_head_output
+
+    @t.no_grad()
+    def generate(self, tokens, **kwargs):
         with self.hooks(fwd_hooks=self.lora_fwd_hooks):
-            return super().generate(*args, **kwargs)
+            return super().generate(tokens, **kwargs)
 
-    def base_model_params(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if not n.startswith(("lora", "value_head"))]
+    def base_model_params(self):
+        return (p for n, p in self.named_parameters() if "lora" not in n and "value_head" not in n)
 
-    def lora_params(self) -> list[nn.Parameter]:
-        return list(self.lora.parameters())
+    def lora_params(self):
+        return (p for n, p in self.named_parameters() if "lora" in n)
 
-    def get_base_model_trainable_params(self) -> list[nn.Parameter]:
+    def get_base_model_trainable_params(self):
         return self.lora_params()
+
+    def get_value_head_params(self):
+        return self.value_head.parameters()
 
 
 @dataclass
 class RLHFArgsLora(RLHFArgs):
     lora_rank: int = 4
     lora_alpha: float = 32
-    dtype: torch.dtype | None = None
+    dtype: t.dtype | None = None
 
 
 class RLHFTrainerLora(RLHFTrainer):
-    model_class = TransformerWithValueHeadLora
-
-    def build_model(self):
-        args = self.args
-        return self.model_class.from_pretrained(
-            args.base_model,
-            lora_alpha=args.lora_alpha,
-            rank=args.lora_rank,
-            device=self.device,
-            dtype=args.dtype,
+    def __init__(self, args: RLHFArgsLora):
+        t.manual_seed(args.seed)
+        self.args = args
+        self.run_name = (
+            f"{args.wandb_project_name}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         )
-
-    def build_ref_model(self):
-        return self.model
+        self.model = (
+            TransformerWithValueHeadLora.from_pretrained(
+                args.base_model, lora_alpha=args.lora_alpha, rank=args.lora_rank
+            )
+            .to(device)
+            .train()
+        )
+        self.ref_model = self.model
+        self.optimizer, self.scheduler = get_optimizer_and_scheduler(self.args, self.model)
+        self.prefix_len = len(
+            self.model.to_str_tokens(self.args.prefix, prepend_bos=self.args.prepend_bos)
+        )

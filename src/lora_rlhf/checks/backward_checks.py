@@ -134,6 +134,11 @@ def _probe_model(impl, name: str) -> dict:
     _set_value_head(model)
     tokens = _tokens(model.cfg.d_vocab)
     logits, values = model.forward_with_value_head(tokens)
+    if not isinstance(values, Tensor):
+        raise CheckFailed(
+            f"forward_with_value_head returned {type(values).__name__} as its values: the value "
+            "head did not run, so no gradient through the values can be compared"
+        )
     _backward(loss_of(logits, values, tokens), "forward_with_value_head")
     return {"grads": _grads(lora)}
 
@@ -178,30 +183,41 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
 
 
+NO_GRADIENT = float("inf")  # the parameter's .grad is None, or zero where the reference's is not
+ZERO = 1e-6  # a gradient this small next to the reference's (relative, in norm) is none at all
+
+
 def _why(wrong: dict[str, float], layers: int) -> str:
-    """What the pattern of wrong gradients usually means."""
+    """What the pattern of wrong gradients usually means (a cause is named only when it fits)."""
     last = f"layer {layers - 1} "
     if all(not k.startswith(last) for k in wrong):
         return (
             "Only earlier layers' gradients are wrong: the gradient that flows back through a "
-            "later layer's adaptor into its input is lost. Store the activation itself in "
-            "store_hook_attn_normalized (no .detach(), .data or torch.no_grad())"
+            "later layer's adaptor into its input is lost. Use the stored activation itself "
+            "(cache_qkv_in, kept by store_hook_attn_normalized and read by lora_hook_qkv): "
+            "no .detach(), .data or torch.no_grad()"
         )
     if not any(k.startswith(last + "lora_o.") for k in wrong):
         return (
             "lora_o's own gradients are right but the ones that flow back through z are lost: "
-            "store z itself in store_hook_z (no .detach(), .data or torch.no_grad())"
+            "use z itself (cache_z, kept by store_hook_z and read by lora_hook_out): no "
+            ".detach(), .data or torch.no_grad()"
         )
-    cut = [k for k, e in wrong.items() if e == float("inf") or e >= 0.999]
+    cut = [k for k, e in wrong.items() if e == NO_GRADIENT]
     if cut:
         return (
             f"No gradient reaches {cut[0]}: it is cut off from autograd (.detach(), .data, "
             "torch.no_grad() around x @ A, or a copy of the parameter)"
         )
     return (
-        "The gradients differ from the chain rule through (α/r)·(x A) B: check any custom "
-        "torch.autograd.Function's backward, and that every step is a differentiable torch op"
+        "The gradients are there but wrong: they differ from the chain rule through "
+        "(α/r)·(x A) B. Check any custom torch.autograd.Function's backward, a scale applied "
+        "outside autograd, and that every step is a differentiable torch op"
     )
+
+
+def _said(err: float) -> str:
+    return "no gradient" if err == NO_GRADIENT else f"wrong gradient, {err:.0%} off"
 
 
 def judge_grads(out: dict, name: str) -> None:
@@ -211,21 +227,20 @@ def judge_grads(out: dict, name: str) -> None:
     for key, ref in want.items():
         g = got.get(key)
         if g is None:
-            wrong[key] = float("inf")
+            wrong[key] = NO_GRADIENT
             continue
         if tuple(g.shape) != tuple(ref.shape):
             raise CheckFailed(f"{key}.grad has shape {tuple(g.shape)}, expected {tuple(ref.shape)}")
-        err = relative_error(g, ref)
-        if not err <= RTOL:  # NaN counts as wrong
+        err, scale = relative_error(g, ref), float(ref.norm())
+        if scale > 0 and float(g.double().norm()) <= ZERO * scale:
+            wrong[key] = NO_GRADIENT
+        elif not err <= RTOL:  # NaN counts as wrong
             wrong[key] = err
     if not wrong:
         return
     layers = 1 + max(int(k.split()[1]) for k in want)
     first = next(iter(wrong))
-    shown = ", ".join(
-        f"{k} ({'no gradient' if e == float('inf') else f'{e:.0%} off'})"
-        for k, e in list(wrong.items())[:4]
-    )
+    shown = ", ".join(f"{k} ({_said(e)})" for k, e in list(wrong.items())[:4])
     more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
     raise CheckFailed(
         f"{name}: the gradient of {first} is wrong — {shown}{more}, against the merged model's "

@@ -31,6 +31,7 @@ from lora_rlhf.checks.reference import (
     seeded,
     seeded_tokens,
 )
+from lora_rlhf.trainer import build_trainer
 
 GRPO_FILE = "section3_grpo.py"
 GRPO_EXERCISES = ("group_advantages", "calc_kl_k3", "calc_grpo_objective", "GRPOTrainerLora")
@@ -406,7 +407,7 @@ def _args(impl, **overrides):
 
 
 def _trainer(impl, assign: bool = True, **overrides):
-    trainer = impl.GRPOTrainerLora(_args(impl, **overrides), show_progress=False)
+    trainer = build_trainer(impl.GRPOTrainerLora, _args(impl, **overrides), show_progress=False)
     if assign:
         for i, values in enumerate(adaptor_values(trainer.model.cfg, SEED)):
             assign_layer(trainer.model.lora[i], values, i)

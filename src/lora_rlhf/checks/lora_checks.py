@@ -216,13 +216,20 @@ def judge_lora_broadcast(out):
         f"an input [3, 1, d_in] should broadcast to [3, n_inst={N_INST}, d_out]; got {tuple(out['y'].shape)}",
     )
     expect(
+        out["mismatch"] != "no error",
+        f"an input with {N_INST - 1} instances for a Lora with n_inst={N_INST} should raise an "
+        "error (a ValueError, or an assert)",
+    )
+    scale = _diagnose_scale(out["y"], expected, ALPHA, RANK)
+    expect(
+        not scale,
+        f"an input with an inst axis of size 1 broadcasts, but its output is off by a constant "
+        f"factor{scale} (as in lora_forward_formula)",
+    )
+    expect(
         close(out["y"], expected, atol=1e-5),
         "broadcasting an inst axis of size 1 gives wrong values: "
         "each instance should see the same input",
-    )
-    expect(
-        out["mismatch"] != "no error",
-        f"an input with {N_INST - 1} instances for a Lora with n_inst={N_INST} should raise an error",
     )
 
 
@@ -266,7 +273,14 @@ def judge_lora_dtype(out):
         seeded(N_INST, RANK, D_OUT, seed=11, dtype=torch.float64),
         ALPHA / RANK,
     )
-    expect(close(out["y"], expected, atol=1e-10, rtol=1e-10), "float64 output has wrong values")
+    if not close(out["y"], expected, atol=1e-10, rtol=1e-10):
+        scale = _diagnose_scale(out["y"], expected, ALPHA, RANK)
+        raise CheckFailed(
+            f"the float64 output is off by a constant factor{scale} (as in lora_forward_formula); "
+            "the dtype handling itself is right"
+            if scale
+            else f"float64 output has wrong values (max diff {max_diff(out['y'], expected):.3g})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +356,10 @@ def judge_lora_gradients(out):
             f"no gradient reached Lora.{name}: is it an nn.Parameter used in forward "
             "(not detached, not wrapped in torch.no_grad)?",
         )
-        expect(
-            close(got, want, atol=1e-5),
-            f"the gradient of Lora.{name} is wrong (max diff {max_diff(got, want):.3g})",
-        )
+        if not close(got, want, atol=1e-5):
+            scale = _diagnose_scale(got, want, ALPHA, RANK)
+            raise CheckFailed(
+                f"the gradient of Lora.{name} is off by a constant factor{scale}"
+                if scale
+                else f"the gradient of Lora.{name} is wrong (max diff {max_diff(got, want):.3g})"
+            )

@@ -6,6 +6,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lora_rlhf.checks.core import CheckFailed, check, expect
+from lora_rlhf.checks.hook_counting import HOOK_METHODS, HookCounter, registered_hooks
 from lora_rlhf.checks.reference import (
     ALPHA,
     RANK,
@@ -21,7 +22,6 @@ from lora_rlhf.checks.reference import (
 
 MODEL = "tiny-llama"
 SEED = 7
-HOOK_METHODS = ("store_hook_attn_normalized", "lora_hook_qkv", "store_hook_z", "lora_hook_out")
 GEN = dict(max_new_tokens=6, do_sample=False, verbose=False, stop_at_eos=False)
 
 
@@ -44,44 +44,6 @@ def _model(impl, assign: bool = True):
 
 def _tokens(seq: int = 8):
     return seeded_tokens(2, seq, 512, seed=8)
-
-
-def _registered_hooks(model) -> int:
-    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
-
-
-class _HookCounter:
-    """Counts calls of the LoraHooks hook methods. The methods are patched on the class *before*
-    the model is built (hook lists hold bound methods) and restored on exit."""
-
-    def __init__(self, LoraHooks):
-        self.cls = LoraHooks
-        self.counts = dict.fromkeys(HOOK_METHODS, 0)
-        self.fail_on: str | None = None
-        self.originals = {m: getattr(LoraHooks, m) for m in HOOK_METHODS}
-
-    def reset(self, fail_on: str | None = None) -> dict:
-        self.counts = dict.fromkeys(HOOK_METHODS, 0)
-        self.fail_on = fail_on
-        return self.counts
-
-    def _wrap(self, method_name, fn):
-        def counted(hooks_self, *args, **kwargs):
-            self.counts[method_name] += 1
-            if method_name == self.fail_on:
-                raise RuntimeError("deliberate failure inside a hook")
-            return fn(hooks_self, *args, **kwargs)
-
-        return counted
-
-    def __enter__(self):
-        for m, fn in self.originals.items():
-            setattr(self.cls, m, self._wrap(m, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for m, fn in self.originals.items():
-            setattr(self.cls, m, fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,8 +127,8 @@ def judge_model_frozen_params(out):
     )
     expect(
         all(rg[n] for n in lora),
-        "LoRA parameters must be trainable (requires_grad=True): freeze the "
-        "base model before setup_lora adds the adaptors",
+        "LoRA parameters must be trainable (requires_grad=True): freeze only "
+        "base_model_params(), not the adaptors",
     )
     expect(all(rg[n] for n in rg if _is_head(n)), "the value head must stay trainable")
     expect(
@@ -192,6 +154,12 @@ def probe_model_forward_with_value_head(impl):
     model = _model(impl)
     with torch.no_grad():
         logits, values = model.forward_with_value_head(_tokens())
+    if not isinstance(values, torch.Tensor):
+        raise CheckFailed(
+            f"forward_with_value_head returned {type(values).__name__} as its values: the value "
+            "head did not run — run the forward under self.fwd_hooks, which ends with the "
+            "value-head hook"
+        )
     return {
         "logits": logits.float(),
         "values": values.float(),
@@ -238,7 +206,7 @@ def probe_model_plain_forward_is_base(impl):
         model.generate(tokens[:, :4], **GEN)
         plain = model(tokens)
         base_gen = HookedTransformer.generate(model, tokens[:, :4], **GEN)
-    return {"plain": plain.float(), "base_gen": base_gen, "left": _registered_hooks(model)}
+    return {"plain": plain.float(), "base_gen": base_gen, "left": registered_hooks(model)}
 
 
 @probe_model_plain_forward_is_base.judge
@@ -273,8 +241,9 @@ def probe_model_generate(impl):
     prompt = _tokens()[:, :4]
     with torch.no_grad():
         cached = model.generate(prompt, use_past_kv_cache=True, **GEN)
+        left = registered_hooks(model)
         uncached = model.generate(prompt, use_past_kv_cache=False, **GEN)
-    return {"cached": cached, "uncached": uncached}
+    return {"cached": cached, "uncached": uncached, "left": left}
 
 
 @probe_model_generate.judge
@@ -285,6 +254,12 @@ def judge_model_generate(out):
         base = base_model(MODEL).generate(prompt, **GEN)
     expect(not torch.equal(want, base), "internal: the reference adaptors do not change generation")
     cached = out["cached"]
+    # hooks left registered run again (twice over) in the next call: report the leak, not its effect
+    expect(
+        out.get("left", 0) == 0,
+        f"{out.get('left')} hooks are still registered after generate, so the next call runs "
+        "them twice: add hooks only inside `with self.hooks(fwd_hooks=...)`",
+    )
     if not torch.equal(cached, want):
         if torch.equal(cached, base):
             raise CheckFailed(
@@ -304,7 +279,7 @@ def probe_model_hook_calls(impl):
     """The LoRA hooks run in forward_with_value_head and generate, never in plain forward."""
     tokens = _tokens()
     calls = {}
-    with _HookCounter(impl.LoraHooks) as counter, torch.no_grad():
+    with HookCounter(impl.LoraHooks) as counter, torch.no_grad():
         model = _model(impl)
         for label, fn in (
             ("forward_with_value_head", lambda: model.forward_with_value_head(tokens)),
@@ -351,7 +326,7 @@ def probe_model_no_hook_leak(impl):
     """No hook is left registered when a hooked call raises."""
     tokens = _tokens()
     left = {}
-    with _HookCounter(impl.LoraHooks) as counter, torch.no_grad():
+    with HookCounter(impl.LoraHooks) as counter, torch.no_grad():
         model = _model(impl)
         for label, fn in (
             ("forward_with_value_head", lambda: model.forward_with_value_head(tokens)),
@@ -363,7 +338,7 @@ def probe_model_no_hook_leak(impl):
                 raised = False
             except RuntimeError:
                 raised = True
-            left[label] = {"raised": raised, "left": _registered_hooks(model)}
+            left[label] = {"raised": raised, "left": registered_hooks(model)}
     return left
 
 

@@ -9,6 +9,7 @@ import torch
 from lora_rlhf.checks.core import CheckFailed, check, expect
 from lora_rlhf.checks.reference import base_model, close, max_diff, probe_device
 from lora_rlhf.ppo import gen_positions
+from lora_rlhf.trainer import build_trainer
 
 # The course's smoke run (SPEC §4).
 SMOKE = dict(
@@ -24,8 +25,10 @@ SMOKE = dict(
 
 
 def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
-    """The submission's RLHFTrainerLora building the submission's model, with the submission's
-    RLHFArgsLora (given in the exercise file; the library's when a single file leaves it out)."""
+    """The submission's RLHFTrainerLora, built as the course builds it (`RLHFTrainerLora(args)`),
+    with the submission's RLHFArgsLora (given in the exercise file; the library's when a single
+    file leaves it out). A trainer that takes its model class from `model_class` (the library's)
+    gets the submission's; the course's names its own."""
     args_cls = getattr(impl, "RLHFArgsLora", None)
     if not isinstance(args_cls, type):
         from lora_rlhf.lora import RLHFArgsLora as args_cls
@@ -34,11 +37,14 @@ def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
     if not isinstance(trainer_cls, type):
         raise CheckFailed(f"RLHFTrainerLora should be a class, got {type(trainer_cls).__name__}")
 
-    class Trainer(trainer_cls):
-        model_class = impl.TransformerWithValueHeadLora
+    if hasattr(trainer_cls, "model_class"):
 
+        class Trainer(trainer_cls):
+            model_class = impl.TransformerWithValueHeadLora
+
+        trainer_cls = Trainer
     args = args_cls(base_model=model, device=probe_device(), **{**SMOKE, **overrides})
-    return Trainer(args, show_progress=False)
+    return build_trainer(trainer_cls, args, show_progress=False)
 
 
 @check("RLHFTrainerLora", points=10, needs=("RLHFTrainerLora", "TransformerWithValueHeadLora"))
@@ -50,9 +56,7 @@ def probe_trainer_smoke_run(impl):
 
     def recording_rollout():
         memory = rollout_phase()
-        rollouts.append(
-            {"ids": memory.sample_ids.clone(), "ref": memory.ref_logits.float().clone()}
-        )
+        rollouts.append({"ids": memory.sample_ids.cpu(), "ref": memory.ref_logits.float().cpu()})
         return memory
 
     trainer.rollout_phase = recording_rollout
@@ -83,7 +87,7 @@ def judge_trainer_smoke_run(out):
     expect(
         out["ref_is_model"],
         "the reference model should be the policy itself (its plain forward has "
-        "no adaptors): build_ref_model must return self.model, not a copy",
+        "no adaptors): RLHFTrainerLora.__init__ must set self.ref_model = self.model, not a copy",
     )
     base = base_model("tiny-llama")
     for i, r in enumerate(out["rollouts"]):

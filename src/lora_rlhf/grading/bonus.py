@@ -17,7 +17,7 @@ from lora_rlhf.authoring import definitions
 from lora_rlhf.checks.grpo_checks import GRPO_EXERCISES, GRPO_FILE, grpo_checks_for
 from lora_rlhf.grading import sandbox, static
 from lora_rlhf.grading.sandbox import Limits, Outcome
-from lora_rlhf.grading.submissions import IGNORED, NOTEBOOK, notebook_as_script
+from lora_rlhf.grading.submissions import IGNORED, NOTEBOOK, notebook_as_script, twin_files
 from lora_rlhf.impl import ImplementationError
 
 LIBRARY_GRPO = ("lora_rlhf.grpo", "lora_rlhf.grpo_trainer")
@@ -25,7 +25,7 @@ LIBRARY_GRPO = ("lora_rlhf.grpo", "lora_rlhf.grpo_trainer")
 
 def bonus_file(submission: str | Path) -> Path | None:
     """The submission's GRPO file: ``section3_grpo.py`` in a submission folder (at the top, or
-    the only one below; its notebook instead when that was saved later, as for Section 2), or a
+    the only one below; a notebook twin beside it is graded too, see :func:`grade_bonus`), or a
     single-file submission (script or notebook) that defines a GRPO exercise; else None."""
     path = Path(submission)
     if path.is_dir():
@@ -34,10 +34,7 @@ def bonus_file(submission: str | Path) -> Path | None:
         if len(found) != 1:
             notebooks = [p for p in path.rglob(NOTEBOOK_NAME) if p.is_file() and _kept(p, path)]
             return notebooks[0] if not found and len(notebooks) == 1 else None
-        script, notebook = found[0], found[0].with_suffix(NOTEBOOK)
-        if notebook.is_file() and notebook.stat().st_mtime > script.stat().st_mtime:
-            return notebook
-        return script
+        return found[0]
     if path.suffix not in (".py", NOTEBOOK) or not path.is_file():
         return None
     try:
@@ -77,12 +74,37 @@ def imports_library_grpo(path: Path) -> int | None:
 
 def grade_bonus(submission: str | Path, limits: Limits | None = None) -> tuple[list, list[str]]:
     """``(results, notes)`` of the GRPO checks for a submission (``([], [])`` without a GRPO
-    file): one CheckResult per check, in the bonus rubric's order."""
-    from lora_rlhf.grading.grader import _failed
-
+    file): one CheckResult per check, in the bonus rubric's order. A script and its notebook
+    side by side are both graded and the better kept, as for Section 2; a GRPO file whose every
+    exercise is still a stub is one note ("not attempted") and no results."""
     found = bonus_file(submission)
     if found is None:
         return [], []
+    twins = twin_files(submission, GRPO_FILE)
+    if twins is None or found != twins[0]:
+        results, notes = _grade_found(found, limits)
+        return _attempted(found, results, notes)
+    graded = [(p, *_grade_found(p, limits)) for p in twins]
+    path, results, notes = max(graded, key=lambda g: sum(r.points for r in g[1]))
+    both = " and ".join(f"{p.name} ({sum(r.points for r in rs):g})" for p, rs, _ in graded)
+    results, notes = _attempted(path, results, notes)
+    if not results:  # neither was attempted: one line
+        return results, notes
+    return results, [f"Bonus (GRPO): graded both {both}; kept the better, {path.name}.", *notes]
+
+
+def _attempted(path: Path, results: list, notes: list[str]) -> tuple[list, list[str]]:
+    """No results and one note when every check met an untouched stub."""
+    if results and all(
+        r.message.startswith(("raised not implemented yet", "not written")) for r in results
+    ):
+        return [], [f"Bonus (GRPO): {path.name} not attempted (its exercises are still stubs)."]
+    return results, notes
+
+
+def _grade_found(found: Path, limits: Limits | None) -> tuple[list, list[str]]:
+    from lora_rlhf.grading.grader import _failed
+
     with tempfile.TemporaryDirectory(prefix="lora-rlhf-bonus-") as folder:
         try:
             path = _script(found.resolve(), Path(folder))

@@ -1,8 +1,10 @@
-"""`lora-rlhf grade [PATH]`: grade a submission, print a scorecard, write results.json and junit.xml.
+"""`lora-rlhf grade [PATH]`: grade a submission, print a scorecard; on request (``--out DIR``,
+``--results``, ``--junit``) write results.json and junit.xml.
 
 Exit status: 0 whenever grading completed (whatever the score); 2 when there is nothing to grade
-(PATH missing, bad options); 1 when the grader itself failed. The report files are written in
-every case, so a CI or Gradescope run always has one.
+(PATH missing, bad options); 1 when the grader itself failed. The report files asked for are
+written in every case, so a CI or Gradescope run always has one; a student's plain
+``lora-rlhf grade`` leaves no file behind.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from lora_rlhf.grading import timing
 DESCRIPTION = """Grade a submission of the Section 2 exercises: a .py file defining Lora, LoraHooks,
 TransformerWithValueHeadLora (and RLHFTrainerLora), or a folder holding section2_lora.py. Its code
 runs only in child processes with time and memory limits; the verdicts are reached here. Prints a
-scorecard per exercise and writes Gradescope's results.json and a JUnit XML report."""
+scorecard per exercise; with --out DIR (or --results/--junit) also writes Gradescope's results.json
+and a JUnit XML report."""
 
 
 def _positive(kind):
@@ -32,7 +35,7 @@ def _positive(kind):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "grade",
-        help="grade a submission (scorecard, results.json, JUnit XML)",
+        help="grade a submission (scorecard; results.json and JUnit XML with --out)",
         description=DESCRIPTION,
     )
     p.add_argument(
@@ -42,18 +45,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="a .py file or a folder holding section2_lora.py (default: the checkout's exercises/)",
     )
     p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write results.json and junit.xml into DIR (default: no report files, the "
+        "scorecard only)",
+    )
+    p.add_argument(
         "--results",
         type=Path,
-        default=Path("results.json"),
+        default=None,
         metavar="PATH",
-        help="Gradescope results file (default: ./results.json)",
+        help="Gradescope results file (default: DIR/results.json with --out, else none)",
     )
     p.add_argument(
         "--junit",
         type=Path,
-        default=Path("junit.xml"),
+        default=None,
         metavar="PATH",
-        help="JUnit XML report (default: ./junit.xml)",
+        help="JUnit XML report (default: DIR/junit.xml with --out, else none)",
     )
     _limit_options(p)
     p.add_argument(
@@ -258,8 +269,12 @@ def run(args: argparse.Namespace) -> int:
             str(args.path), f"not graded: the grader failed ({exc})", args.only
         )
         status = 1
+    results, junit = args.results, args.junit
+    if args.out is not None:
+        results = results or args.out / "results.json"
+        junit = junit or args.out / "junit.xml"
     try:
-        write_reports(report, args.results, args.junit, args.visibility, args.leaderboard)
+        write_reports(report, results, junit, args.visibility, args.leaderboard)
     except OSError as exc:
         print(f"lora-rlhf grade: cannot write the reports: {exc}", file=sys.stderr)
         return 1

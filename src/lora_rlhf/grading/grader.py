@@ -16,7 +16,12 @@ from pathlib import Path
 
 from lora_rlhf.grading import sandbox, static
 from lora_rlhf.grading.sandbox import Limits, Outcome
-from lora_rlhf.grading.submissions import NOTEBOOK, notebook_as_script, submission_file
+from lora_rlhf.grading.submissions import (
+    NOTEBOOK,
+    notebook_as_script,
+    submission_file,
+    twin_files,
+)
 
 __all__ = ["GradeReport", "Limits", "grade"]
 
@@ -117,21 +122,46 @@ def grade(
 ) -> GradeReport:
     """Grade a submission file or folder against every check (or only the named `checks`).
 
+    A folder holding both ``section2_lora.py`` and ``section2_lora.ipynb`` has both graded and
+    the better kept (the script on a tie), the report naming both: an untouched or older twin,
+    such as a notebook Jupyter autosaved after the script was finished, never costs points.
+
     Raises :class:`lora_rlhf.impl.ImplementationError` when `submission` does not exist; every
     other problem of the submission (syntax error, crash, hang, tampering) is a graded failure.
     """
-    limits = limits or Limits()
-    start = time.monotonic()
-    path = submission_file(submission).resolve()
     from lora_rlhf.grading.bonus import grade_bonus
 
+    limits = limits or Limits()
+    start = time.monotonic()
+    twins = twin_files(submission)
+    if twins is None:
+        path = submission_file(submission).resolve()
+        report = _grade_file(path, limits, checks)
+    else:
+        path = twins[0].resolve()
+        graded = [_grade_file(p.resolve(), limits, checks) for p in twins]
+        report = max(graded, key=lambda r: r.score)  # the first, the script, on a tie
+        kept = Path(report.submission).name
+        both = " and ".join(
+            f"{Path(r.submission).name} ({r.score:g} / {r.max_score:g})" for r in graded
+        )
+        report.notes.insert(0, f"Graded both {both}; kept the better, {kept}.")
+    if checks is None:
+        bonus, bonus_notes = grade_bonus(submission, limits)
+        if not bonus and not bonus_notes and Path(submission).resolve() != path:
+            bonus, bonus_notes = grade_bonus(path, limits)  # e.g. a folder's only notebook
+        report.bonus, report.notes = bonus, report.notes + bonus_notes
+    report.execution_time = time.monotonic() - start
+    return report
+
+
+def _grade_file(path: Path, limits: Limits, checks: Iterable[str] | None) -> GradeReport:
+    """Section 2's checks on one file (a notebook graded as its script); no bonus."""
+    start = time.monotonic()
     if path.suffix == NOTEBOOK:  # graded as its script
         with tempfile.TemporaryDirectory(prefix="lora-rlhf-notebook-") as folder:
-            report = grade(notebook_as_script(path, Path(folder)), limits, checks)
+            report = _grade_file(notebook_as_script(path, Path(folder)), limits, checks)
         report.submission = str(path)
-        if not report.bonus and checks is None:  # e.g. a folder's section3_grpo.py beside it
-            report.bonus, bonus_notes = grade_bonus(submission, limits)
-            report.notes += bonus_notes
         return report
     problem = static.syntax_error(path)
     if problem is None:
@@ -186,12 +216,10 @@ def grade(
             results.setdefault(c.name, _failed(c, "not graded"))
 
     notes += _not_written(planned, results)
-    bonus, bonus_notes = ([], []) if checks is not None else grade_bonus(submission, limits)
     return GradeReport(
-        bonus=bonus,
         submission=str(path),
         results=[results[c.name] for c in planned],
-        notes=notes + bonus_notes,
+        notes=notes,
         execution_time=time.monotonic() - start,
         limits=limits,
     )

@@ -39,8 +39,9 @@ def _python_files(folder: Path, suffix: str = ".py") -> list[Path]:
 
 def submission_file(spec: str | Path) -> Path:
     """The file to grade for `spec`: the file itself; in a folder, its ``section2_lora.py`` (at
-    the top, or the only one below; its notebook ``section2_lora.ipynb`` instead when that was
-    saved later), else its only ``.py`` file, else its only notebook.
+    the top, or the only one below), else its only ``.py`` file, else its only notebook. (A
+    folder that also holds ``section2_lora.ipynb`` beside the script has both graded: see
+    :func:`twin_files`.)
 
     Raises :class:`ImplementationError` (one line, naming the problem) when there is none or more
     than one to choose from.
@@ -51,12 +52,7 @@ def submission_file(spec: str | Path) -> Path:
     if not path.is_dir():
         return resolve_path(spec)
     if (path / EXERCISE_FILE).is_file():
-        script = path / EXERCISE_FILE
-        notebook = script.with_suffix(NOTEBOOK)
-        # exercises/ holds both: a student who worked in the notebook saved it last
-        if notebook.is_file() and notebook.stat().st_mtime > script.stat().st_mtime:
-            return notebook
-        return script
+        return path / EXERCISE_FILE
     files = _python_files(path)
     named = [p for p in files if p.name == EXERCISE_FILE]
     for choice in (named, files):
@@ -72,6 +68,23 @@ def submission_file(spec: str | Path) -> Path:
         f"{path}: {len(named or files)} candidate files ({shown}): name the one to grade "
         f"{EXERCISE_FILE}"
     )
+
+
+def twin_files(spec: str | Path, name: str = EXERCISE_FILE) -> tuple[Path, Path] | None:
+    """``(script, notebook)`` when the folder `spec` holds the exercise file `name` and its
+    notebook side by side (as exercises/ does), else None. Which one the student worked in cannot
+    be told from the files (Jupyter autosaves an untouched notebook), so both are graded."""
+    path = Path(spec)
+    if not path.is_dir():
+        return None
+    script = path / name
+    if not script.is_file():
+        found = [p for p in _python_files(path) if p.name == name]
+        if len(found) != 1:
+            return None
+        script = found[0]
+    notebook = script.with_suffix(NOTEBOOK)
+    return (script, notebook) if notebook.is_file() else None
 
 
 def students(folder: Path) -> dict[str, Path]:
