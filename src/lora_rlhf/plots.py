@@ -1,5 +1,6 @@
 """Figures of a training run: the reward curve (with the KL to the reference policy below it)
-and, next to it, the reward against the KL per phase: how much reward each nat of drift bought.
+and, next to it, the reward against the KL per phase: how much reward each nat of drift bought;
+and the adaptor map: where in the model the adaptors changed the weights, and how low-rank.
 
 Drawn with matplotlib's object API (``Figure`` + the Agg canvas), never ``pyplot``: no GUI
 backend is touched, so it works headless and never changes the caller's backend.
@@ -120,6 +121,69 @@ def plot_reward_curves(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_adaptor_map(amap, path: str | Path, title: str = "Where the adaptors learned") -> Path:
+    """Save a PNG of an :class:`~lora_rlhf.adaptor_map.AdaptorMap`: on the left a heatmap of
+    ‖ΔW‖_F / ‖W‖_F over layers × targets (the largest updates numbered), on the right the singular
+    values of those largest updates (how many directions each really uses).
+
+    Args:
+        amap: the map (:func:`lora_rlhf.adaptor_map.adaptor_map`).
+        path: where to write the PNG.
+        title: the figure's title.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    grid = np.array(amap.grid(), dtype=float).reshape(amap.n_layers, len(amap.targets))
+    height = max(4.5, 0.22 * amap.n_layers + 1.8)
+    fig = Figure(figsize=(11, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_map, ax_sv = fig.subplots(1, 2, width_ratios=[2, 3])
+    shown = np.nan_to_num(grid, nan=0.0)
+    image = ax_map.imshow(
+        np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0,
+        vmax=shown.max() if shown.max() > 0 else 1.0, interpolation="nearest",
+    )  # fmt: skip
+    fig.colorbar(image, ax=ax_map, label="‖ΔW‖_F / ‖W‖_F", shrink=0.8)
+    ax_map.set_xticks(range(len(amap.targets)), amap.targets)
+    ax_map.xaxis.tick_top()
+    step = 1 if amap.n_layers <= 16 else 2
+    ax_map.set_yticks(range(0, amap.n_layers, step))
+    ax_map.set_ylabel("layer")
+    ax_map.set_title("size of each update, relative to its weight", fontsize="medium")
+    top = amap.top()
+    if shown.max() > 0:
+        for rank, u in enumerate(top, 1):
+            x, y = amap.targets.index(u.target), u.layer
+            color = "black" if shown[y, x] > 0.6 * shown.max() else "white"  # legible on viridis
+            ax_map.text(x, y, str(rank), ha="center", va="center", color=color,
+                        fontsize="small", fontweight="bold")  # fmt: skip
+
+    spectra = [(u, amap.spectra.get((u.layer, u.target))) for u in top]
+    spectra = [(u, s) for u, s in spectra if s and s[0] > 0]
+    for rank, (u, sigma) in enumerate(spectra, 1):
+        ax_sv.semilogy(range(1, len(sigma) + 1), np.maximum(sigma, sigma[0] * 1e-6),
+                       marker="o", markersize=3, label=f"{rank}. {u.label}")  # fmt: skip
+    if spectra:
+        ax_sv.legend(loc="upper right", fontsize="small")
+    else:
+        ax_sv.text(0.5, 0.5, "all updates are zero", ha="center", va="center",
+                   transform=ax_sv.transAxes)  # fmt: skip
+    ax_sv.set_xlabel("singular value index")
+    ax_sv.set_ylabel("singular value of ΔW")
+    ax_sv.set_title("largest updates: singular values", fontsize="medium")
+    ax_sv.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
