@@ -1,6 +1,7 @@
 """Figures of a training run: the reward curve (with the KL to the reference policy below it)
 and, next to it, the reward against the KL per phase: how much reward each nat of drift bought;
-and the adaptor map: where in the model the adaptors changed the weights, and how low-rank.
+the adaptor map: where in the model the adaptors changed the weights, and how low-rank; and a
+class's grades (score histogram, failures per check) for ``grade-class``'s report.
 
 Drawn with matplotlib's object API (``Figure`` + the Agg canvas), never ``pyplot``: no GUI
 backend is touched, so it works headless and never changes the caller's backend.
@@ -183,6 +184,67 @@ def plot_adaptor_map(amap, path: str | Path, title: str = "Where the adaptors le
     ax_sv.set_ylabel("singular value of ΔW")
     ax_sv.set_title("largest updates: singular values", fontsize="medium")
     ax_sv.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_class_scores(
+    scores: Sequence[float],
+    max_score: float,
+    failures: Sequence[tuple[str, int]],
+    path: str | Path,
+    title: str = "class scores",
+) -> Path:
+    """Save a PNG of a class's grades: the score histogram with its mean and median, and beside
+    it how many students failed each check, most failed at the top.
+
+    Args:
+        scores: one score per student.
+        max_score: the most a student can score (the histogram's right edge).
+        failures: ``(check, students failing it)`` pairs, most failed first.
+        path: where to write the PNG.
+        title: the figure's title.
+
+    Returns:
+        The path written.
+    """
+    import statistics
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    height = max(4.5, 0.24 * len(failures) + 1.5)
+    fig = Figure(figsize=(12, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_hist, ax_fail = fig.subplots(1, 2, width_ratios=[2, 3])
+    step = max_score / 10
+    ax_hist.hist(scores, bins=[i * step for i in range(11)], color="tab:blue", edgecolor="white")
+    mean, median = statistics.fmean(scores), statistics.median(scores)
+    ax_hist.axvline(mean, color="tab:red", linewidth=2, label=f"mean {mean:.1f}")
+    ax_hist.axvline(median, color="tab:orange", linewidth=2, linestyle="--",
+                    label=f"median {median:.1f}")  # fmt: skip
+    ax_hist.set_xlim(0, max_score * 1.03)  # a median at full marks stays visible
+    ax_hist.set_xlabel(f"score (out of {max_score:g})")
+    ax_hist.set_ylabel("students")
+    ax_hist.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_hist.set_title(f"scores of {len(scores)} students", fontsize="medium")
+    ax_hist.legend(loc="upper left", fontsize="small")
+    ax_hist.grid(alpha=0.3, axis="y")
+
+    names = [name for name, _ in failures]
+    counts = [count for _, count in failures]
+    ax_fail.barh(range(len(names)), counts, color="tab:red")
+    ax_fail.set_yticks(range(len(names)), names, fontsize="small")
+    ax_fail.invert_yaxis()  # most failed at the top, as in the report's table
+    ax_fail.set_xlim(0, len(scores))
+    ax_fail.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_fail.set_xlabel("students failing the check")
+    ax_fail.set_title("failures per check", fontsize="medium")
+    ax_fail.grid(alpha=0.3, axis="x")
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
