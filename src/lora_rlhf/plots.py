@@ -129,8 +129,8 @@ def plot_reward_curves(
 
 def plot_adaptor_map(amap, path: str | Path, title: str = "Where the adaptors learned") -> Path:
     """Save a PNG of an :class:`~lora_rlhf.adaptor_map.AdaptorMap`: on the left a heatmap of
-    ‖ΔW‖_F / ‖W‖_F over layers × targets (the largest updates numbered), on the right the singular
-    values of those largest updates (how many directions each really uses).
+    ‖ΔW‖_F / ‖W‖_F over layers × targets (log colour scale; the largest updates numbered), on the
+    right the singular values of those largest updates (how many directions each really uses).
 
     Args:
         amap: the map (:func:`lora_rlhf.adaptor_map.adaptor_map`).
@@ -142,18 +142,26 @@ def plot_adaptor_map(amap, path: str | Path, title: str = "Where the adaptors le
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
 
     path = Path(path)
     grid = np.array(amap.grid(), dtype=float).reshape(amap.n_layers, len(amap.targets))
     height = max(4.5, 0.22 * amap.n_layers + 1.8)
-    fig = Figure(figsize=(11, height), layout="constrained")
+    fig = Figure(figsize=(12, height), layout="constrained")
     FigureCanvasAgg(fig)
     ax_map, ax_sv = fig.subplots(1, 2, width_ratios=[2, 3])
     shown = np.nan_to_num(grid, nan=0.0)
+    positive = shown[shown > 0]
+    # A log scale: one weight with a small norm can dwarf every other cell on a linear one.
+    norm = (
+        LogNorm(vmin=max(positive.min(), positive.max() * 1e-3), vmax=positive.max())
+        if positive.size
+        else Normalize(vmin=0.0, vmax=1.0)
+    )
     image = ax_map.imshow(
-        np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0,
-        vmax=shown.max() if shown.max() > 0 else 1.0, interpolation="nearest",
+        np.ma.masked_invalid(np.where(shown > 0, grid, np.nan) if positive.size else grid),
+        aspect="auto", cmap="viridis", norm=norm, interpolation="nearest",
     )  # fmt: skip
     fig.colorbar(image, ax=ax_map, label="‖ΔW‖_F / ‖W‖_F", shrink=0.8)
     ax_map.set_xticks(range(len(amap.targets)), amap.targets)
@@ -166,7 +174,7 @@ def plot_adaptor_map(amap, path: str | Path, title: str = "Where the adaptors le
     if shown.max() > 0:
         for rank, u in enumerate(top, 1):
             x, y = amap.targets.index(u.target), u.layer
-            color = "black" if shown[y, x] > 0.6 * shown.max() else "white"  # legible on viridis
+            color = "black" if norm(shown[y, x]) > 0.6 else "white"  # legible on viridis
             ax_map.text(x, y, str(rank), ha="center", va="center", color=color,
                         fontsize="small", fontweight="bold")  # fmt: skip
 
