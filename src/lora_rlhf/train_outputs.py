@@ -409,6 +409,8 @@ def print_summary(
     interrupted: bool,
     summary: dict[str, Any] | None = None,
 ) -> None:
+    from lora_rlhf.adaptor_map import MAP_FILE
+
     s, out = summary or summarize(trainer.history), plan.out
     total = plan.rlhf_args.total_phases
     state = (
@@ -436,7 +438,7 @@ def print_summary(
     for name, what in (
         (METRICS_FILE, "per-phase metrics"),
         (CURVE_FILE, "reward curve"),
-        ("adaptor_map.png", "adaptor map: where the adaptors changed the weights"),
+        (MAP_FILE, "adaptor map: where the adaptors changed the weights"),
         (SAMPLES_MD, "samples before/after training"),
         (
             "adapter.safetensors",
