@@ -9,8 +9,9 @@ one fork server, which saves each student the import of torch.
 ``OUT/<student>/`` receives ``results.json`` (Gradescope's format), ``junit.xml`` and
 ``grade.json`` (what was graded: the submission's fingerprint, score, notes); ``OUT/gradebook.csv``
 holds one row per student, and ``OUT/class_report.md`` with ``OUT/scores.png`` what the class got
-wrong (:mod:`lora_rlhf.grading.class_report`, built from those files). A student whose submission (and the rubric) has not changed since its
-``grade.json`` was written is not graded again, unless `regrade` is set.
+wrong (:mod:`lora_rlhf.grading.class_report`, built from those files). A student whose submission
+(and the rubric) has not changed since its ``grade.json`` was written is not graded again, unless
+`regrade` is set.
 """
 
 from __future__ import annotations
