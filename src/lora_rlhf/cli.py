@@ -1,4 +1,5 @@
-"""`lora-rlhf`: train, grade, hand out the exercise files and keep them in sync."""
+"""`lora-rlhf`: train, inspect a trained adapter, grade, hand out the exercise files and keep them
+in sync."""
 
 from __future__ import annotations
 
@@ -73,6 +74,43 @@ def _exercises(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    """Draw the adaptor map of a saved adapter and print its largest updates."""
+    from lora_rlhf.adapters import ADAPTER_WEIGHTS, load_lora_model, read_adapter_config
+    from lora_rlhf.adaptor_map import MAP_FILE, save_adaptor_map
+    from lora_rlhf.models.registry import ModelUnavailableError
+
+    path = Path(args.path)
+    fail = "lora-rlhf inspect: {}"
+    if not path.exists():
+        what = "give a run folder of `lora-rlhf train` or its adapter.safetensors"
+        print(fail.format(f"{path}: no such file or folder; {what}"), file=sys.stderr)
+        return 2
+    folder = path.parent if path.is_file() else path  # adapter.safetensors: its config is beside it
+    if path.is_file() and path.suffix == ".safetensors" and path.name != ADAPTER_WEIGHTS:
+        print(fail.format(f"{path}: rename it {ADAPTER_WEIGHTS} (beside its adapter_config.json)"),
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        config = read_adapter_config(folder)
+        model = load_lora_model(folder, device="cpu")
+    except (OSError, ValueError, ModelUnavailableError) as exc:  # one line names the file
+        print(fail.format(" ".join(str(exc).split())), file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else folder / MAP_FILE
+    title = f"{config['base_model']} + LoRA r={config['rank']}, α={config['lora_alpha']:g}: {folder.name}"
+    amap = save_adaptor_map(model, out, title=title)
+    print(
+        f"{folder}: {config['base_model']}, rank {config['rank']}, α {config['lora_alpha']:g}, "
+        f"targets {' '.join(amap.targets)}"
+    )
+    print("Largest updates, ‖ΔW‖_F / ‖W‖_F of the weight each adapts (all heads together):")
+    for line in amap.describe_top():
+        print("  " + line)
+    print(f"Wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", metavar="DIR", help="the folder to write them to (created if missing)")
     p.set_defaults(func=_exercises)
+
+    p = sub.add_parser(
+        "inspect",
+        help="draw the adaptor map of a trained adapter and print its five largest updates",
+        description="Draw where the adaptors of a saved run changed the weights: a heatmap of "
+        "||ΔW||_F / ||W||_F over layers × q, k, v, o (and MLP targets), and the singular values "
+        "of the largest updates. Loads the base model the adapter config names.",
+    )
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help="a run folder (adapter_config.json inside) or its adapter.safetensors",
+    )
+    p.add_argument(
+        "--out",
+        metavar="PNG",
+        help="where to write the picture (default: PATH's folder/adaptor_map.png)",
+    )
+    p.set_defaults(func=_inspect)
 
     for module_name in ("lora_rlhf.train_cli", "lora_rlhf.grading.cli"):
         try:

@@ -276,6 +276,16 @@ class RunRecorder:
             reward_label=reward_label(self.plan.settings),
         )
 
+    def save_adaptor_map(self) -> None:
+        """adaptor_map.png: where the adaptors changed the weights (lora_rlhf.adaptor_map)."""
+        from lora_rlhf.adaptor_map import MAP_FILE, save_adaptor_map
+
+        args = self.plan.rlhf_args
+        title = (
+            f"{args.base_model} + LoRA r={args.lora_rank}, α={args.lora_alpha:g}: {self.out.name}"
+        )
+        save_adaptor_map(self.trainer.model, self.out / MAP_FILE, title=title)
+
     def save_samples(self) -> None:
         (self.out / SAMPLES_JSON).write_text(json.dumps(self.samples, indent=1) + "\n")
         tokenizer = getattr(self.trainer.model, "tokenizer", None)
@@ -324,6 +334,7 @@ class RunRecorder:
             self.sample_after()
         self.save_samples()
         self.save_summary()
+        self.save_adaptor_map()  # last: everything else is saved even if a student's class trips it
 
     def summary(self) -> dict[str, Any]:
         """:func:`summarize` of the history, with the KL of the fresh samples after training."""
@@ -398,6 +409,8 @@ def print_summary(
     interrupted: bool,
     summary: dict[str, Any] | None = None,
 ) -> None:
+    from lora_rlhf.adaptor_map import MAP_FILE
+
     s, out = summary or summarize(trainer.history), plan.out
     total = plan.rlhf_args.total_phases
     state = (
@@ -425,6 +438,7 @@ def print_summary(
     for name, what in (
         (METRICS_FILE, "per-phase metrics"),
         (CURVE_FILE, "reward curve"),
+        (MAP_FILE, "adaptor map: where the adaptors changed the weights"),
         (SAMPLES_MD, "samples before/after training"),
         (
             "adapter.safetensors",

@@ -8,8 +8,10 @@ one fork server, which saves each student the import of torch.
 
 ``OUT/<student>/`` receives ``results.json`` (Gradescope's format), ``junit.xml`` and
 ``grade.json`` (what was graded: the submission's fingerprint, score, notes); ``OUT/gradebook.csv``
-holds one row per student. A student whose submission (and the rubric) has not changed since its
-``grade.json`` was written is not graded again, unless `regrade` is set.
+holds one row per student, and ``OUT/class_report.md`` with ``OUT/scores.png`` what the class got
+wrong (:mod:`lora_rlhf.grading.class_report`, built from those files). A student whose submission
+(and the rubric) has not changed since its ``grade.json`` was written is not graded again, unless
+`regrade` is set.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_rlhf.grading.class_report import write_class_report
 from lora_rlhf.grading.grader import GradeReport, Limits, grade
 from lora_rlhf.grading.reports import write_reports
 from lora_rlhf.grading.submissions import students
@@ -168,4 +171,5 @@ def grade_class(
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="grade") as pool:
         graded = list(pool.map(one, roster.items()))
     write_gradebook(out, list(roster))
+    write_class_report(out, list(roster))
     return graded

@@ -140,8 +140,9 @@ def add_class_parser(subparsers) -> argparse.ArgumentParser:
         help="grade a whole class (CSV gradebook, each student's results.json and JUnit)",
         description="Grade every file or sub-folder of DIR as one student's submission, in "
         "parallel (up to the number of cores). Writes OUT/gradebook.csv and, per student, "
-        "OUT/<student>/results.json, junit.xml and grade.json. Students whose submission has not "
-        "changed since they were graded are skipped, unless --regrade.",
+        "OUT/<student>/results.json, junit.xml and grade.json, and the class report "
+        "OUT/class_report.md + OUT/scores.png (most failed checks, scores). Students whose "
+        "submission has not changed since they were graded are skipped, unless --regrade.",
     )
     p.add_argument("dir", type=Path, help="a folder with one .py file or sub-folder per student")
     p.add_argument(
@@ -159,6 +160,12 @@ def add_class_parser(subparsers) -> argparse.ArgumentParser:
         help="students graded at once (default: the number of cores)",
     )
     p.add_argument("--regrade", action="store_true", help="grade every student again")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="grade nothing: rebuild OUT/class_report.md and OUT/scores.png from the results "
+        "already in OUT",
+    )
     _limit_options(p)
     _visibility_options(p, leaderboard=False)
     p.set_defaults(func=run_class)
@@ -168,11 +175,22 @@ def add_class_parser(subparsers) -> argparse.ArgumentParser:
 def run_class(args: argparse.Namespace) -> int:
     import time
 
+    from lora_rlhf.grading.class_report import REPORT_FILE
     from lora_rlhf.grading.classroom import GRADEBOOK, grade_class
     from lora_rlhf.impl import ImplementationError
 
     out = args.out or args.dir.resolve().parent / f"{args.dir.resolve().name}-grades"
     start = time.monotonic()
+    if args.report_only:
+        from lora_rlhf.grading.class_report import write_class_report
+
+        try:
+            report, scores = write_class_report(out)
+        except (OSError, ValueError, KeyError) as exc:  # KeyError: a results file of another kind
+            print(f"lora-rlhf grade-class: {exc}", file=sys.stderr)
+            return 2
+        print(f"{report} and {scores} rebuilt in {time.monotonic() - start:.1f} s")
+        return 0
 
     def show(g) -> None:
         when = "already graded" if g.skipped else f"graded in {g.seconds:.1f} s"
@@ -193,7 +211,7 @@ def run_class(args: argparse.Namespace) -> int:
         return 2
     print(
         f"{len(graded)} students ({sum(not g.skipped for g in graded)} graded now) in "
-        f"{time.monotonic() - start:.1f} s: {out / GRADEBOOK}"
+        f"{time.monotonic() - start:.1f} s: {out / GRADEBOOK}, {out / REPORT_FILE}"
     )
     return 0
 
