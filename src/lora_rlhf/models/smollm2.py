@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from lora_rlhf.models.registry import ModelUnavailableError
+from lora_rlhf.models.errors import ModelUnavailableError
 from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed, unembed_is_tied
 
 log = logging.getLogger(__name__)
