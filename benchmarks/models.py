@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from lora_rlhf.fast import install_fast_lora
+from lora_rlhf.lean_hooks import attached_hooks
 from lora_rlhf.lora import TransformerWithValueHeadLora
 from lora_rlhf.merge import merge_lora
 from lora_rlhf.models.sharing import distinct_tensors
-from lora_rlhf.value_head import attached_hooks
 
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

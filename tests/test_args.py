@@ -1,4 +1,4 @@
-"""RLHFArgs: the SPEC §3 defaults, reward functions by name, and validation messages."""
+"""RLHFArgs: the course defaults, reward functions by name, and validation messages."""
 
 import json
 from dataclasses import dataclass, fields

@@ -49,7 +49,7 @@ def test_optimizer_trains_only_lora_and_value_head():
 
 @pytest.mark.slow
 def test_smoke_run_on_the_embedded_model(smollm2):
-    """The course's smoke run on SmolLM2-135M (SPEC §4 settings, one thread, no wandb, no progress
+    """The course's smoke run on SmolLM2-135M (its settings, one thread, no wandb, no progress
     bar; ~20 CPU-seconds, nearly all of it the run's own forward and backward passes): finite
     metrics; the reference logits of both rollouts are the untouched base model's; the
     policy equals the reference before training (B = 0) and differs from it after one phase."""

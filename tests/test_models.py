@@ -1,4 +1,4 @@
-"""The model registry (SPEC §2): the embedded SmolLM2, the tiny models, hub names, the cache."""
+"""The model registry: the embedded SmolLM2, the tiny models, hub names, the cache."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ PROMPTS = [
 
 
 def lora_hook_names(n_layers: int) -> list[str]:
-    """The hook points the LoRA exercises attach to (SPEC §4) and the value head reads."""
+    """The hook points the LoRA exercises attach to and the value head reads."""
     names = ["ln_final.hook_normalized"]
     for i in range(n_layers):
         names += [

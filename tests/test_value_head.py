@@ -97,10 +97,10 @@ def test_without_value_head_there_are_no_hooks_to_run():
 
 
 def test_attached_hooks_call_like_transformer_lens_hooks_and_leave_none(model, tokens):
-    """attached_hooks (forward_with_value_head's lean registration) against TransformerLens' own
+    """attached_hooks (the engine's lean registration) against TransformerLens' own
     `model.hooks`: same activations replaced, in the same order, same hook point passed; nothing
     left registered, also after an exception; unknown names are named."""
-    from lora_rlhf.value_head import attached_hooks
+    from lora_rlhf.lean_hooks import attached_hooks
 
     def run(context):
         calls = []
@@ -144,3 +144,27 @@ def test_attached_hooks_call_like_transformer_lens_hooks_and_leave_none(model, t
         with attached_hooks(model, [("hook_embed", boom), ("blocks.0.nope", boom)]):
             pass
     assert registered_hooks(model) == 0
+
+
+def test_use_attached_hooks_changes_no_value_and_leaves_no_hook(model, tokens):
+    """The engine's opt-in (use_attached_hooks, which the fast path installs): forward_with_value_head
+    gives exactly the logits and values of TransformerLens' own hooks context, registers nothing
+    that outlives the call, and the undo gives the model its own `hooks` back."""
+    from lora_rlhf.lean_hooks import use_attached_hooks
+
+    with torch.no_grad():
+        want = model.forward_with_value_head(tokens)
+        undo = use_attached_hooks(model)
+        try:
+            assert "hooks" in vars(model)
+            got = model.forward_with_value_head(tokens)
+            assert registered_hooks(model) == 0
+            with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: x * 0)]):
+                zeroed = model(tokens)
+            assert registered_hooks(model) == 0
+        finally:
+            undo()
+    assert "hooks" not in vars(model)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (zeroed - want[0]).abs().max() > 1e-3  # the routed context did run its hook

@@ -4,6 +4,8 @@ in sync."""
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
 from pathlib import Path
 
@@ -151,13 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_inspect)
 
-    for module_name in ("lora_rlhf.train_cli", "lora_rlhf.grading.cli"):
+    # Each module adds its own subcommands; one that cannot be imported (a dependency missing)
+    # still lists its commands, and running one names what is missing instead of "invalid choice".
+    for module_name, commands in (
+        ("lora_rlhf.train_cli", ("train",)),
+        ("lora_rlhf.grading.cli", ("grade", "grade-class", "gradescope-bundle")),
+    ):
         try:
-            module = __import__(module_name, fromlist=["add_parser"])
-        except ImportError:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            for command in commands:
+                # no option prefix: whatever follows the command (--help too) is taken as is
+                p = sub.add_parser(command, help=f"unavailable: {err}", prefix_chars="\0")
+                p.add_argument("ignored", nargs="*", help=argparse.SUPPRESS)
+                p.set_defaults(func=functools.partial(_unavailable, command, module_name, err))
             continue
         module.add_parser(sub)
     return parser
+
+
+def _unavailable(command: str, module_name: str, err: ImportError, args) -> int:
+    print(
+        f"lora-rlhf {command}: cannot import {module_name} ({err}); install the package with its "
+        "dependencies (`make setup`, or `pip install lora_rlhf`)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

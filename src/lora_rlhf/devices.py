@@ -12,8 +12,3 @@ def default_device() -> torch.device:
     if forced:
         return torch.device(forced)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def available_devices() -> list[str]:
-    """Devices the device-sensitive tests run on."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -23,10 +23,17 @@ Only the adaptor contract is read (SPEC §4; :func:`lora_rlhf.adapters.scaling_o
 ``model.lora[i].lora_q/k/v/o``, each with ``A``, ``B``, ``rank`` and ``lora_alpha`` — so it runs
 the library's classes and a student's alike.
 
+<<<<<<< HEAD
 ``fast_lora(model)`` switches it on for a block, ``install_fast_lora`` for good (it
 returns the undo). In between, ``forward_with_value_head`` and ``generate`` run fast; plain
 ``forward`` stays the base model (π_ref). ``with_fast_lora(trainer_class)`` gives the trainer
 whose model runs this way: what ``lora-rlhf train --impl library`` trains (any other ``--impl``
+=======
+``fast_lora(model, lora_alpha)`` switches it on for a block, ``install_fast_lora`` for good (it
+returns the undo). In between, ``forward_with_value_head`` and ``generate`` run fast, their hooks
+attached by :func:`lora_rlhf.lean_hooks.attached_hooks`; plain ``forward`` stays the base model
+(π_ref). ``with_fast_lora(trainer_class)`` gives the trainer whose model runs this way: what ``lora-rlhf train --impl library`` trains (any other ``--impl``
+>>>>>>> i25
 trains the submission's own classes as they are).
 """
 
@@ -40,7 +47,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.components import GroupedQueryAttention
 
+<<<<<<< HEAD
 from lora_rlhf.adapters import scaling_of
+=======
+from lora_rlhf.lean_hooks import use_attached_hooks
+>>>>>>> i25
 from lora_rlhf.lora import RLHFTrainerLora
 
 # The teaching hooks of layer i whose work the fast path does (any other LoRA hook, e.g. the MLP
@@ -94,12 +105,14 @@ def install_fast_lora(model: nn.Module) -> Callable[[], None]:
         layer.attn.calculate_qkv_matrices = layer.qkv
     model.forward_with_value_head = fast_while("forward_with_value_head")
     model.generate = fast_while("generate")
+    undo_hooks = use_attached_hooks(model)
 
     def undo() -> None:
         for layer in fast:
             layer.attn.__dict__.pop("calculate_qkv_matrices", None)
         for method in ("forward_with_value_head", "generate"):
             model.__dict__.pop(method, None)
+        undo_hooks()
 
     return undo
 

@@ -25,6 +25,9 @@
 # 100). Do Section 2 first: this file uses the library's `TransformerWithValueHeadLora`. To train
 # your own, set `GRPOTrainerLora.model_class` to your class.
 #
+# Section 1's `get_logprobs`, `calc_kl_penalty` and `calc_entropy_bonus` come from
+# `lora_rlhf.ppo_kernels`: the same functions, computed one sequence at a time to save memory.
+#
 # This file is generated from `src/lora_rlhf/grpo.py` (`lora-rlhf sync`).
 
 # %%
@@ -42,12 +45,8 @@ from lora_rlhf import tests_grpo
 from lora_rlhf.args import ArgsError
 from lora_rlhf.lora import RLHFArgsLora, RLHFTrainerLora, TransformerWithValueHeadLora
 from lora_rlhf.memory import lean_heap, release_freed_memory
-from lora_rlhf.ppo import (
-    calc_entropy_bonus,
-    calc_kl_penalty,
-    get_logprobs,
-    get_optimizer_and_scheduler,
-)
+from lora_rlhf.ppo import get_optimizer_and_scheduler
+from lora_rlhf.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
 
 # %% [markdown]
 # ## Exercise G1 — group advantages (GRPO and RLOO)

@@ -1,6 +1,6 @@
 """Whose classes to use: the library's, `solutions/`, `exercises/`, or a student's file or folder.
 
-A submission (SPEC §5) is a single ``.py`` file defining ``Lora``, ``LoraHooks`` and
+A submission is a single ``.py`` file defining ``Lora``, ``LoraHooks`` and
 ``TransformerWithValueHeadLora``, or a folder laid out like ``exercises/`` (its
 ``section2_lora.py``). It imports Section 1 code from ``lora_rlhf``.
 """

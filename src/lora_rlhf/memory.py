@@ -3,17 +3,16 @@
 glibc's ``malloc`` serves most of PyTorch's CPU tensors from its heap and keeps the pages of
 freed tensors for reuse. Within an RLHF phase the sizes and lifetimes change from step to step
 (sampling with a growing KV cache, full-vocabulary logits, activations kept for backward), and
-the heap fragments: on the embedded model a LoRA phase's forward pass kept ~80 MiB of freed pages
-resident on top of the ~120 MiB of activations it needed, and the phase peaked with ~200 MiB of
-freed-but-resident heap — as much as all of LoRA's activations. Two remedies, both measured in
+the heap fragments: freed pages stay resident on top of the activations a phase needs, as much
+again as LoRA's activations on the embedded model. Two remedies, both measured in
 docs/training.md ("Memory"):
 
 * :func:`release_freed_memory` (``malloc_trim(0)``) returns every whole free page of the heap to
-  the kernel; the trainers call it between the steps of a phase (a few ms each).
+  the kernel; the trainers call it between the steps of a phase.
 * :func:`lean_heap` serves every allocation of at least 128 KiB from its own mapping while the
   block runs, so a freed activation goes straight back to the kernel instead of leaving a hole
   in the heap. The trainers run their learning phase (forward passes whose activations are kept
-  for backward) under it. It costs page faults: ~15% of the learning phase's time, ~8% of a phase.
+  for backward) under it. It costs page faults (their share of a phase: docs/training.md).
 
 Both do nothing where the C library is not glibc.
 """

@@ -120,7 +120,7 @@ _GGUF_STRING, _GGUF_ARRAY, _GGUF_F32 = 8, 9, 0
 
 def read_gguf_f32(path: str | Path, names: list[str]) -> dict[str, Tensor]:
     """Read a few F32 tensors from a GGUF file without parsing the rest (``gguf.GGUFReader`` builds
-    every metadata field, ~10 s for SmolLM2's vocabulary; this reads only the headers it skips)."""
+    every metadata field, slow for SmolLM2's vocabulary; this reads only the headers it skips)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         pos = 0
 

@@ -7,7 +7,6 @@ tensors (they take the generated positions themselves) or tensors already cut to
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,7 +15,6 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from lora_rlhf.args import RLHFArgs
@@ -183,9 +181,9 @@ def get_logprobs(
     generated ones), i.e. logits from position ``prefix_len - 1`` on (``out_len = seq - prefix_len``).
     """
     start = 0 if prefix_len is None else prefix_len - 1
-    logits = logits[:, start:-1]
+    logprobs = logits[:, start:-1].log_softmax(dim=-1)
     next_tokens = tokens[:, start + 1 :]
-    return _LogProb.apply(logits, next_tokens)
+    return logprobs.gather(dim=-1, index=next_tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def calc_kl_penalty(
@@ -196,7 +194,9 @@ def calc_kl_penalty(
 ) -> Float[Tensor, ""]:
     """``kl_coef`` times the mean, over samples and generated positions, of KL(π ‖ π_ref) over the
     full vocabulary. Computed from log-softmax, so it stays finite for extreme logits."""
-    kl = _KLDivergence.apply(gen_positions(logits, gen_len), gen_positions(ref_logits, gen_len))
+    logprobs = gen_positions(logits, gen_len).log_softmax(dim=-1)
+    ref_logprobs = gen_positions(ref_logits, gen_len).log_softmax(dim=-1)
+    kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(dim=-1)
     return kl_coef * kl.mean()
 
 
@@ -204,112 +204,9 @@ def calc_entropy_bonus(
     logits: Float[Tensor, "batch seq d_vocab"], ent_coef: float, gen_len: int
 ) -> Float[Tensor, ""]:
     """``ent_coef`` times the mean entropy of the policy at the generated positions."""
-    entropy = _Entropy.apply(gen_positions(logits, gen_len))
+    logprobs = gen_positions(logits, gen_len).log_softmax(dim=-1)
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
     return ent_coef * entropy.mean()
-
-
-# Log-probs, the KL penalty and the entropy bonus as autograd functions that keep only their
-# inputs for the backward pass (views of logits that are in memory anyway) and recompute the
-# softmax there, one sequence at a time. Written with plain tensor operations, each would keep
-# two or three tensors the size of the logits' generated positions ([minibatch, gen_len, d_vocab]:
-# 12 MiB each for 8 × 8 × 49152) until backward, and build several more at once while computing;
-# here a temporary is one sequence's [gen_len, d_vocab] (1.5 MiB). That peak is most of what a
-# LoRA phase holds beyond the model (docs/training.md, "Memory"). tests/test_ppo.py checks values
-# and gradients against the plain formulas.
-
-
-def _row_blocks(t: Tensor) -> list[tuple]:
-    """Indices of `t`'s ``[seq, d_vocab]`` blocks (one per sequence; the whole of a 2-D `t`)."""
-    if t.dim() <= 2:
-        return [(...,)]
-    return list(itertools.product(*(range(n) for n in t.shape[:-2])))
-
-
-def _empty_like_contiguous(t: Tensor) -> Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
-class _LogProb(torch.autograd.Function):
-    """``log softmax(x)[t]`` over the last axis, for one index `t` per row: ``x_t − logsumexp(x)``."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, index: Tensor) -> Tensor:
-        index = index.unsqueeze(-1)
-        lse = _empty_like_contiguous(logits[..., 0])
-        for i in _row_blocks(logits):
-            torch.logsumexp(logits[i], dim=-1, out=lse[i])
-        ctx.save_for_backward(logits, index, lse)
-        return logits.gather(dim=-1, index=index).squeeze(-1) - lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        logits, index, lse = ctx.saved_tensors
-        grad_logits = _empty_like_contiguous(logits)
-        for i in _row_blocks(logits):
-            # ∂/∂x_j = [j = t] − p_j
-            probs = logits[i].sub(lse[i].unsqueeze(-1)).exp_()
-            torch.mul(probs, grad[i].neg().unsqueeze(-1), out=grad_logits[i])
-        grad_logits.scatter_add_(-1, index, grad.unsqueeze(-1))
-        return grad_logits, None
-
-
-class _Entropy(torch.autograd.Function):
-    """H(softmax(x)) over the last axis: ``-Σ p log p``."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor) -> Tensor:
-        entropy = _empty_like_contiguous(logits[..., 0])
-        for i in _row_blocks(logits):
-            logprobs = logits[i].log_softmax(dim=-1)
-            torch.sum(logprobs.exp() * logprobs, dim=-1, out=entropy[i])
-        entropy.neg_()
-        ctx.save_for_backward(logits, entropy)
-        return entropy
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        logits, entropy = ctx.saved_tensors
-        grad_logits = _empty_like_contiguous(logits)
-        for i in _row_blocks(logits):
-            logprobs = logits[i].log_softmax(dim=-1)
-            # ∂H/∂x_j = -p_j (log p_j + H)
-            scale = logprobs.add(entropy[i].unsqueeze(-1)).mul_(grad[i].neg().unsqueeze(-1))
-            torch.mul(logprobs.exp_(), scale, out=grad_logits[i])
-        return grad_logits
-
-
-class _KLDivergence(torch.autograd.Function):
-    """KL(softmax(x) ‖ softmax(y)) over the last axis: ``Σ p (log p − log q)``."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, ref_logits: Tensor) -> Tensor:
-        kl = _empty_like_contiguous(logits[..., 0])
-        for i in _row_blocks(logits):
-            logprobs = logits[i].log_softmax(dim=-1)
-            log_ratio = ref_logits[i].log_softmax(dim=-1).neg_().add_(logprobs)
-            torch.sum(logprobs.exp_().mul_(log_ratio), dim=-1, out=kl[i])
-        ctx.save_for_backward(logits, ref_logits, kl)
-        return kl
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        logits, ref_logits, kl = ctx.saved_tensors
-        want_logits, want_ref = ctx.needs_input_grad[:2]
-        grad_logits = _empty_like_contiguous(logits) if want_logits else None
-        grad_ref = _empty_like_contiguous(ref_logits) if want_ref else None
-        for i in _row_blocks(logits):
-            g = grad[i].unsqueeze(-1)
-            logprobs = logits[i].log_softmax(dim=-1)
-            ref_logprobs = ref_logits[i].log_softmax(dim=-1)
-            if want_ref:  # ∂KL/∂y_j = q_j − p_j
-                torch.mul(ref_logprobs.exp() - logprobs.exp(), g, out=grad_ref[i])
-            if want_logits:  # ∂KL/∂x_j = p_j (log p_j − log q_j − KL)
-                scale = ref_logprobs.neg_().add_(logprobs).sub_(kl[i].unsqueeze(-1)).mul_(g)
-                torch.mul(logprobs.exp_(), scale, out=grad_logits[i])
-        return grad_logits, grad_ref
 
 
 def calc_value_function_loss(

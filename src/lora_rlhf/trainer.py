@@ -39,16 +39,14 @@ from lora_rlhf.ppo import (
     ReplayMemory,
     ReplayMinibatch,
     calc_clipped_surrogate_objective,
-    calc_entropy_bonus,
-    calc_kl_penalty,
     calc_value_function_loss,
     clip_fraction,
     compute_advantages,
     gen_positions,
-    get_logprobs,
     get_optimizer_and_scheduler,
     get_samples,
 )
+from lora_rlhf.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
 from lora_rlhf.rewards import normalize_reward
 from lora_rlhf.value_head import HookedTransformerWithValueHead
 

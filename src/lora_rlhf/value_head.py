@@ -7,9 +7,7 @@ base language model; ``forward_with_value_head`` runs with the hooks and also re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -22,41 +20,6 @@ from lora_rlhf.models import DEFAULT_MODEL, load_model
 VALUE_HEAD_HOOK_NAME = "ln_final.hook_normalized"
 
 FwdHook = tuple[str, Callable]
-
-
-def _call(fn: Callable, hook_point: HookPoint, module: nn.Module, inputs, output):
-    return fn(output, hook=hook_point)
-
-
-@contextmanager
-def attached_hooks(model: HookedTransformer, fwd_hooks: list[FwdHook]) -> Iterator[None]:
-    """Run the block with the forward hooks ``(hook_name, fn)`` on `model`; each is removed on the
-    way out, also when the block raises.
-
-    The same calls as TransformerLens' ``with model.hooks(fwd_hooks=...)`` (``fn(activation,
-    hook=hook_point)``; a returned tensor replaces the activation; hooks run in list order), for
-    a fraction of its cost: that context manager stores the ``repr`` of every hook function (for
-    a bound method, the repr of its whole module) and resets every hook point of the model on
-    exit, ~5 ms per call for the LoRA model's 181 hooks on the embedded model, against ~0.6 ms
-    here. Hook points with a TransformerLens tensor conversion (its compatibility mode) are left
-    to ``model.hooks``."""
-    points = []
-    for name, fn in fwd_hooks:
-        if name not in model.mod_dict:
-            raise KeyError(f"{name!r} is not a hook point of this model")
-        points.append((model.mod_dict[name], fn))
-    if any(getattr(point, "hook_conversion", None) is not None for point, _ in points):
-        with model.hooks(fwd_hooks=fwd_hooks):
-            yield
-        return
-    handles = []
-    try:
-        for point, fn in points:
-            handles.append(point.register_forward_hook(partial(_call, fn, point)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class HookedTransformerWithValueHead(HookedTransformer):
@@ -115,7 +78,7 @@ class HookedTransformerWithValueHead(HookedTransformer):
         """Logits of the (hooked) model and the value head's estimate at every position."""
         self.value_head_output = None
         # The hooks are removed on exit, also when the forward pass raises.
-        with attached_hooks(self, self.fwd_hooks):
+        with self.hooks(fwd_hooks=self.fwd_hooks):
             logits = self(tokens)
         assert self.value_head_output is not None, "the value-head hook did not run"
         return logits, self.value_head_output

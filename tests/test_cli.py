@@ -1,0 +1,50 @@
+"""The `lora-rlhf` command itself: every subcommand module is found, and one that cannot be
+imported is an error naming what is missing."""
+
+import functools
+import importlib
+
+import pytest
+
+from lora_rlhf import cli
+
+
+@pytest.fixture
+def train_cli_missing(monkeypatch):
+    """`lora_rlhf.train_cli` fails to import, as without one of its dependencies."""
+    real = importlib.import_module
+
+    def import_module(name, *args, **kwargs):
+        if name == "lora_rlhf.train_cli":
+            raise ModuleNotFoundError("No module named 'wandb_not_here'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+
+
+@pytest.mark.parametrize(
+    "argv", [["train"], ["train", "--model", "tiny-llama", "--phases", "2"], ["train", "--help"]]
+)
+def test_a_subcommand_that_cannot_be_imported_names_the_missing_piece(
+    train_cli_missing, argv, capsys
+):
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "lora-rlhf train" in err and "lora_rlhf.train_cli" in err and "wandb_not_here" in err
+
+
+def test_the_other_subcommands_stay_available_when_one_module_is_missing(train_cli_missing):
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert {"sync", "exercises", "train", "grade", "grade-class", "gradescope-bundle"} <= set(
+        commands
+    )
+    assert "unavailable" in cli.build_parser().format_help()
+
+
+def test_every_subcommand_module_imports_here():
+    """In the installed package nothing is missing: no subcommand is the unavailable stand-in."""
+    parser = cli.build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        assert sub.get_default("func") is not None, name
+        assert not isinstance(sub.get_default("func"), functools.partial), name
