@@ -47,11 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.components import GroupedQueryAttention
 
-<<<<<<< HEAD
 from lora_rlhf.adapters import scaling_of
-=======
 from lora_rlhf.lean_hooks import use_attached_hooks
->>>>>>> i25
 from lora_rlhf.lora import RLHFTrainerLora
 
 # The teaching hooks of layer i whose work the fast path does (any other LoRA hook, e.g. the MLP
