@@ -191,9 +191,7 @@ def test_sighup_stops_within_the_phase_and_saves_like_ctrl_c(whole_ppo, tmp_path
     assert_same_as_uninterrupted(out, whole_ppo)
 
 
-def test_a_signal_during_a_checkpoint_waits_for_it_to_be_complete(
-    whole_ppo, tmp_path, monkeypatch
-):
+def test_a_signal_during_a_checkpoint_waits_for_it_to_be_complete(whole_ppo, tmp_path, monkeypatch):
     write_checkpoint = checkpoint.write_checkpoint
 
     def terminated_while_writing_checkpoint_2(run_folder, phases_done, fill):

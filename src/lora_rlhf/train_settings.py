@@ -156,7 +156,13 @@ def read_resume_point(spec: str) -> ResumePoint:
     past = metrics_past(run_folder, done)
     if past:
         phases = sorted(p for p in past if p is not None)
-        which = f"phases {phases[0]}–{phases[-1]}" if phases else "unreadable"
+        which = (
+            "unreadable"
+            if not phases
+            else f"phase {phases[0]}"
+            if len(phases) == 1
+            else f"phases {phases[0]}–{phases[-1]}"
+        )
         notices.append(
             f"{run_folder / 'metrics.jsonl'}: {len(past)} line(s) past the {done} phases saved "
             f"in {folder} dropped ({which}); those phases run again"
