@@ -240,3 +240,22 @@ def test_save_every_zero_writes_no_checkpoint(tmp_path):
 def test_a_negative_save_every_is_refused(tmp_path, capsys):
     assert main(["train", *options(tmp_path / "run", 2, "--save-every", "-1")]) == 2
     assert "--save-every -1: must be >= 0" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_written_warns_and_the_run_goes_on(
+    whole_ppo, tmp_path, monkeypatch, capsys
+):
+    write_checkpoint = checkpoint.write_checkpoint
+
+    def disk_full_at_checkpoint_2(run_folder, phases_done, fill):
+        if phases_done == 2:
+            raise OSError(28, "No space left on device")
+        return write_checkpoint(run_folder, phases_done, fill)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", disk_full_at_checkpoint_2)
+    out = tmp_path / "run"
+    assert main(["train", *options(out, 4)]) == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert "checkpoint 2 not written" in warning and "No space left" in warning
+    assert_same_as_uninterrupted(out, whole_ppo)
+    assert [checkpoint.checkpoint_phase(p) for p in list_checkpoints(out)] == [4, 3]

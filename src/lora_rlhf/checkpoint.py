@@ -43,7 +43,7 @@ def list_checkpoints(run_folder: str | Path) -> list[Path]:
 
 def _sync(path: Path) -> None:
     """Flush a file (or a folder's list of names) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
     try:
         os.fsync(fd)
     finally:

@@ -343,7 +343,7 @@ def _train(plan: Plan, stops: StopSignals) -> int:
         f"reward: {reward_label(s)}; {kl_label(s)}; output {plan.out}/",
         flush=True,
     )
-    for notice in plan.resume.notices if plan.resume else []:
+    for notice in plan.resume.notices_for(plan.out) if plan.resume else []:
         _say(f"lora-rlhf train: {notice}")
     recorder = RunRecorder(plan)
     recorder.critical = stops.deferred

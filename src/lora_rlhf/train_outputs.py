@@ -182,7 +182,12 @@ class RunRecorder:
             self._unwritten.append(metrics)
             due = not self.save_every or self.trainer.phase % self.save_every == 0
             if self.save_every and due:
-                self.write_checkpoint()
+                try:
+                    self.write_checkpoint()
+                except OSError as err:  # a full disk, say: the run goes on, as do the old ones
+                    due = False  # its metrics wait for the next checkpoint
+                    phase = self.trainer.phase
+                    _warn(f"checkpoint {phase} not written ({err}); the one before it stands")
             if due:
                 self._append_metrics()
             self.snapshot()
@@ -431,6 +436,12 @@ def summarize(history: list[dict[str, Any]], kl_final: float | None = None) -> d
         "kl_final": nan if kl_final is None else kl_final,
         "kl_coef_final": history[-1].get("kl_coef", nan),
     }
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(f"lora-rlhf train: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:

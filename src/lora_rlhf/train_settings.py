@@ -112,6 +112,28 @@ class ResumePoint:
         if self.run_folder is None:
             self.run_folder = self.folder
 
+    def notices_for(self, out: Path) -> list[str]:
+        """What to tell when the run starts in ``out``: the damaged states passed over, and the
+        lines of ``out``'s metrics.jsonl past the state resumed from (they are dropped)."""
+        from lora_rlhf.run_files import metrics_past
+
+        past, done = metrics_past(out, self.phases_done), self.phases_done
+        if not past:
+            return list(self.notices)
+        phases = sorted(p for p in past if p is not None)
+        which = (
+            "unreadable"
+            if not phases
+            else f"phase {phases[0]}"
+            if len(phases) == 1
+            else f"phases {phases[0]}–{phases[-1]}"
+        )
+        return [
+            *self.notices,
+            f"{out / 'metrics.jsonl'}: {len(past)} line(s) past the {done} phases saved in "
+            f"{self.folder} dropped ({which}); those phases run again",
+        ]
+
 
 @dataclasses.dataclass
 class Plan:
@@ -132,7 +154,7 @@ def read_resume_point(spec: str) -> ResumePoint:
         AdapterMismatchError,
         read_adapter_config,
     )
-    from lora_rlhf.run_files import NoSavedRun, choose_resume_source, metrics_past
+    from lora_rlhf.run_files import NoSavedRun, choose_resume_source
 
     path = Path(spec)
     if not path.exists():
@@ -152,20 +174,6 @@ def read_resume_point(spec: str) -> ResumePoint:
         raise UsageError(
             f"--resume {spec}: its adapter_config.json has no phases_done "
             "(only a folder written by `lora-rlhf train` can be resumed)"
-        )
-    past = metrics_past(run_folder, done)
-    if past:
-        phases = sorted(p for p in past if p is not None)
-        which = (
-            "unreadable"
-            if not phases
-            else f"phase {phases[0]}"
-            if len(phases) == 1
-            else f"phases {phases[0]}–{phases[-1]}"
-        )
-        notices.append(
-            f"{run_folder / 'metrics.jsonl'}: {len(past)} line(s) past the {done} phases saved "
-            f"in {folder} dropped ({which}); those phases run again"
         )
     return ResumePoint(folder, config, done, run_folder=run_folder, notices=notices)
 
