@@ -1,5 +1,7 @@
 """Runs `lora-rlhf train` in a process of its own and stops it at a chosen point, as a kill or a
-signal would: tests/test_stopped_runs.py starts it as a subprocess.
+signal would. tests/test_stopped_runs.py forks it from a server process that has imported this
+module (and so torch and the library) once: :func:`run` in a child of
+``multiprocessing``'s forkserver. From a shell:
 
     python tests/stopped_run.py POINT TRAIN_OPTION...
 
@@ -23,6 +25,13 @@ import signal
 import sys
 import time
 
+# Imported here, once, by the forkserver that the tests preload this module into.
+import lora_rlhf.cli  # noqa: F401
+from lora_rlhf import checkpoint
+from lora_rlhf.grpo import GRPOTrainerLora
+from lora_rlhf.train_outputs import RunRecorder
+from lora_rlhf.trainer import RLHFTrainer
+
 
 def _kill(signum: int = signal.SIGKILL) -> None:
     os.kill(os.getpid(), signum)
@@ -31,11 +40,6 @@ def _kill(signum: int = signal.SIGKILL) -> None:
 
 def install(point: str) -> None:
     """Patch the library so that the process stops at ``point``."""
-    from lora_rlhf import checkpoint
-    from lora_rlhf.grpo import GRPOTrainerLora
-    from lora_rlhf.train_outputs import RunRecorder
-    from lora_rlhf.trainer import RLHFTrainer
-
     what, _, n = point.partition(":")
     n = int(n) if n else -1
 
@@ -80,10 +84,16 @@ def install(point: str) -> None:
     RunRecorder._append_metrics = stopping_append_metrics
 
 
-if __name__ == "__main__":
-    point, *options = sys.argv[1:]
+def run(point: str, options: list[str], log: str | None = None) -> None:
+    """``lora-rlhf train OPTIONS`` stopped at ``point``; its output into the file ``log``."""
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
     if point != "none":
         install(point)
-    from lora_rlhf.cli import main
+    sys.exit(lora_rlhf.cli.main(["train", *options]))
 
-    sys.exit(main(["train", *options]))
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2:])

@@ -8,14 +8,14 @@ never stopped (same seed). Tiny runs on tiny-llama; a kill needs a process of it
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import stopped_run  # tests/stopped_run.py
 import torch
 from safetensors.torch import load_file
 
@@ -28,7 +28,6 @@ TINY = [
     "--warmup", "0", "--no-progress", "--threads", "1",
 ]  # fmt: skip
 GRPO = ["--algo", "grpo", "--batch-size", "8"]
-DRIVER = Path(__file__).with_name("stopped_run.py")
 
 
 @pytest.fixture(autouse=True)
@@ -46,21 +45,26 @@ def resume(out: Path, *extra: str) -> int:
     return main(["train", "--resume", str(out), "--no-progress", "--threads", "1", *extra])
 
 
-def in_subprocess(point: str, args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [sys.executable, str(DRIVER), point, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture(scope="module")
+def processes():
+    """Starts stopped_run.run in a process of its own, forked from a server that imported torch
+    and the library once (a fresh interpreter would spend seconds importing them each time)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["stopped_run"])
+    return context
 
 
-def run_stopped(point: str, args: list[str]) -> tuple[int, str]:
-    process = in_subprocess(point, args)
-    _, err = process.communicate(timeout=240)
-    return process.returncode, err
+def in_subprocess(processes, point: str, args: list[str], log: Path):
+    process = processes.Process(target=stopped_run.run, args=(point, args, str(log)))
+    process.start()
+    return process
+
+
+def run_stopped(processes, point: str, args: list[str], log: Path) -> tuple[int, str]:
+    """Run until stopped at ``point``: the exit code (−9 for SIGKILL) and the output."""
+    process = in_subprocess(processes, point, args, log)
+    process.join(timeout=240)
+    return process.exitcode, log.read_text()
 
 
 def without_timings(metrics: list[dict]) -> list[dict]:
@@ -108,10 +112,10 @@ KILLS = {
 
 @pytest.mark.parametrize("point", KILLS)
 def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_killed(
-    point, whole_ppo, tmp_path
+    point, whole_ppo, tmp_path, processes
 ):
     out = tmp_path / "run"
-    code, err = run_stopped(point, options(out, 4))
+    code, err = run_stopped(processes, point, options(out, 4), tmp_path / "run.log")
     assert code == -signal.SIGKILL, err
     expected_done, metrics_lines = KILLS[point]
     assert not (out / "adapter_config.json").exists()  # the kill left no save at the end
@@ -126,10 +130,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_killed(
 
 
 def test_a_grpo_run_killed_while_writing_a_checkpoint_resumes_as_if_never_killed(
-    whole_grpo, tmp_path
+    whole_grpo, tmp_path, processes
 ):
     out = tmp_path / "run"
-    code, err = run_stopped("kill-in-checkpoint:3", options(out, 4, *GRPO))
+    code, err = run_stopped(
+        processes, "kill-in-checkpoint:3", options(out, 4, *GRPO), tmp_path / "run.log"
+    )
     assert code == -signal.SIGKILL, err
     assert [checkpoint.checkpoint_phase(p) for p in list_checkpoints(out)] == [2, 1]
     assert resume(out) == 0
@@ -139,21 +145,22 @@ def test_a_grpo_run_killed_while_writing_a_checkpoint_resumes_as_if_never_killed
 # ---------------------------------------------------------------------------------- SIGTERM, SIGHUP
 
 
-def test_sigterm_saves_everything_then_a_kill_and_two_resumes_end_as_one_run(tmp_path):
+def test_sigterm_saves_everything_then_a_kill_and_two_resumes_end_as_one_run(tmp_path, processes):
     """SIGTERM from outside while training (as `timeout` or a scheduler sends it): exit status
     143 and a complete, resumable folder. That run, resumed and killed half-way through a
     checkpoint, then resumed again, ends as one uninterrupted run."""
     whole = tmp_path / "whole"
     assert main(["train", *options(whole, 10)]) == 0
     out = tmp_path / "run"
-    process = in_subprocess("slow", options(out, 10))
+    process = in_subprocess(processes, "slow", options(out, 10), tmp_path / "run.log")
     deadline = time.monotonic() + 180
-    while len(train_cli.read_metrics(out)) < 2 and process.poll() is None:
+    while len(train_cli.read_metrics(out)) < 2 and process.is_alive():
         assert time.monotonic() < deadline, "the run wrote no metrics"
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, err
+    process.terminate()  # SIGTERM
+    process.join(timeout=120)
+    err = (tmp_path / "run.log").read_text()
+    assert process.exitcode == 128 + signal.SIGTERM, err
     assert "Interrupted (SIGTERM)" in err
     stopped_at = phases_done(out)
     assert 2 <= stopped_at < 10
@@ -164,7 +171,10 @@ def test_sigterm_saves_everything_then_a_kill_and_two_resumes_end_as_one_run(tmp
     assert [m["phase"] for m in train_cli.read_metrics(out)] == list(range(stopped_at))
 
     killed_at = min(stopped_at + 2, 10)
-    code, err = run_stopped(f"kill-in-checkpoint:{killed_at}", ["--resume", str(out), *TINY[-3:]])
+    resumed = ["--resume", str(out), *TINY[-3:]]
+    code, err = run_stopped(
+        processes, f"kill-in-checkpoint:{killed_at}", resumed, tmp_path / "resumed.log"
+    )
     assert code == -signal.SIGKILL, err
     assert resume(out) == 0
     assert_same_as_uninterrupted(out, whole)
@@ -220,9 +230,11 @@ def test_signal_handlers_are_given_back_after_the_run(tmp_path):
 # ---------------------------------------------------------------------------------- --save-every
 
 
-def test_save_every_n_keeps_metrics_no_further_than_the_checkpoint(tmp_path, whole_ppo):
+def test_save_every_n_keeps_metrics_no_further_than_the_checkpoint(tmp_path, whole_ppo, processes):
     out = tmp_path / "run"
-    code, err = run_stopped("kill-in-phase:3", options(out, 4, "--save-every", "2"))
+    code, err = run_stopped(
+        processes, "kill-in-phase:3", options(out, 4, "--save-every", "2"), tmp_path / "run.log"
+    )
     assert code == -signal.SIGKILL, err
     assert [checkpoint.checkpoint_phase(p) for p in list_checkpoints(out)] == [2]
     assert len(train_cli.read_metrics(out)) == 2  # phase 2's line waits for checkpoint 4
