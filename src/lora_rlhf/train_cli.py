@@ -198,7 +198,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--resume",
         metavar="DIR_OR_ADAPTER",
-        help="continue a saved run: its folder or its adapter file",
+        help="continue a saved run: its folder (its newest intact checkpoint or save), one of its "
+        "checkpoint folders, or its adapter file",
     )
     opt(
         run,
