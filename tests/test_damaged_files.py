@@ -43,6 +43,12 @@ def adapter_folder(tmp_path_factory) -> Path:
     return save_adapter(model, tmp_path_factory.mktemp("adapters") / "adapter")
 
 
+def a_later_phase(path: Path) -> None:
+    """What a kill between replacing trainer_state.pt and adapter_config.json leaves."""
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "phase": state["phase"] + 3}, path)
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -61,6 +67,7 @@ RUN_DAMAGES = {
     **DAMAGES,
     "trainer_state.pt truncated": ("trainer_state.pt", truncate),
     "trainer_state.pt missing": ("trainer_state.pt", Path.unlink),
+    "trainer_state.pt of a save cut short": ("trainer_state.pt", a_later_phase),
     "metrics.jsonl truncated mid-line": (
         "metrics.jsonl",
         lambda p: p.write_text(p.read_text()[:-9]),

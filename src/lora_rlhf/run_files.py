@@ -60,6 +60,10 @@ def check_run_folder(folder: str | Path, fix: str = FIX) -> dict[str, Any]:
         raise damaged(state, f"not a readable torch file: {one_line(err)}", fix) from None
     if not isinstance(saved, dict) or not {"optimizer", "rng"} <= saved.keys():
         raise damaged(state, "no optimizer or random-number state in it", fix)
+    if "phase" in saved and saved["phase"] != config.get("phases_done"):
+        # the save at the end replaces this file first and the config last: a kill in between
+        why = f"it holds phase {saved['phase']}, {ADAPTER_CONFIG} {config.get('phases_done')}"
+        raise damaged(state, f"{why}; a save that was cut short", fix)
     metrics = folder / METRICS_FILE
     if not metrics.is_file():
         raise AdapterFileError(f"{metrics}: missing; {fix}")

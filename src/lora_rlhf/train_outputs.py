@@ -277,8 +277,9 @@ class RunRecorder:
         with tempfile.TemporaryDirectory(dir=self.out, prefix=".saving-") as tmp:
             tmp = Path(tmp)
             self._write_state(tmp, interrupted)
-            # The config goes last: its presence marks a saved run.
-            for name in (ADAPTER_WEIGHTS, TRAINER_STATE, ADAPTER_CONFIG):
+            # The trainer state first and the config last: a save cut short by a kill leaves them
+            # disagreeing on the phase, which --resume detects; the config marks a saved run.
+            for name in (TRAINER_STATE, ADAPTER_WEIGHTS, ADAPTER_CONFIG):
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp / name, self.out / name)
