@@ -311,7 +311,9 @@ def test_resume_of_a_finished_run_asks_for_more_phases(finished_run, capsys, no_
 
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, no_model_loading):
     assert main(["train", "--resume", str(tmp_path)]) == 2
-    assert "no saved run there (adapter_config.json is missing)" in capsys.readouterr().err
+    assert (
+        "no saved run there (no checkpoint and no adapter_config.json)" in capsys.readouterr().err
+    )
 
 
 def test_plot_reward_curves_compares_runs(finished_run, tmp_path):

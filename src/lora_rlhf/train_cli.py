@@ -10,7 +10,12 @@ The run (see ``docs/training.md``):
    ``samples.md`` (before/after training), ``adapter.safetensors`` + ``adapter_config.json`` (the
    LoRA and value-head weights, in the format of :mod:`lora_rlhf.adapters`) and
    ``trainer_state.pt`` (optimizer and random-number state, so ``--resume`` continues exactly);
-4. prints a summary. Ctrl-C stops after saving what was learned so far (exit status 130).
+4. prints a summary.
+
+Every ``--save-every`` phases it also writes a checkpoint (:mod:`lora_rlhf.checkpoint`), which
+``--resume`` continues from after a kill. Ctrl-C, SIGTERM and SIGHUP stop the run after saving
+what was learned so far (:mod:`lora_rlhf.stop_signals`; exit status 128 + the signal's number:
+130, 143, 129).
 
 This module is the command (its options, the plan, the run); the defaults and the checks are in
 :mod:`lora_rlhf.train_settings`, what a run writes and reads back in :mod:`lora_rlhf.train_outputs`.
@@ -25,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lora_rlhf.stop_signals import StopSignals, exit_status, signal_name
 from lora_rlhf.train_outputs import (
     RunRecorder,
     print_summary,
@@ -192,7 +198,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--resume",
         metavar="DIR_OR_ADAPTER",
-        help="continue a saved run: its folder or its adapter file",
+        help="continue a saved run: its folder (its newest intact checkpoint or save), one of its "
+        "checkpoint folders, or its adapter file",
+    )
+    opt(
+        run,
+        "--save-every",
+        type=int,
+        help="write a checkpoint every N phases, for --resume after a kill (0: none, only the "
+        "save at the end or on a stop)",
     )
     run.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present, else cpu)")
     run.add_argument(
@@ -275,7 +289,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.out:
         out = Path(args.out)
     elif resume is not None:
-        out = resume.folder
+        out = resume.run_folder
     else:
         out = default_out()
     check_out(out, resume)
@@ -303,7 +317,21 @@ def _unfinished(impl: str, err: NotImplementedError) -> int:
 
 
 def train(plan: Plan) -> int:
-    """Run a checked plan; return the exit status (0, or 130 when interrupted)."""
+    """Run a checked plan; return the exit status (0, or 128 + the signal's number when a signal
+    stopped it: 130 for Ctrl-C)."""
+    with StopSignals() as stops:
+        return _train(plan, stops)
+
+
+def _say(text: str) -> None:
+    """A line on stderr that cannot stop a save (after SIGHUP the terminal may be gone)."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _train(plan: Plan, stops: StopSignals) -> int:
     import torch
 
     from lora_rlhf.adapters import AdapterMismatchError, AdaptorContractError, rank_and_alpha
@@ -322,8 +350,11 @@ def train(plan: Plan) -> int:
         f"reward: {reward_label(s)}; {kl_label(s)}; output {plan.out}/",
         flush=True,
     )
+    for notice in plan.resume.notices_for(plan.out) if plan.resume else []:
+        _say(f"lora-rlhf train: {notice}")
     recorder = RunRecorder(plan)
-    loading = time.perf_counter()
+    recorder.critical = stops.deferred
+    loading, stopped = time.perf_counter(), None
     try:
         trainer = build_trainer(
             plan.trainer_class, args, recorder.on_phase_end, show_progress=plan.show_progress
@@ -331,6 +362,13 @@ def train(plan: Plan) -> int:
         rank_and_alpha(trainer.model)  # the adaptor contract, read when the adapter is saved
         if plan.resume is not None:
             restore(trainer, plan.resume)
+        print(
+            f"Loaded {s['model']} on {trainer.device} in {time.perf_counter() - loading:.1f}s.",
+            flush=True,
+        )
+        started, cpu_started = time.perf_counter(), time.process_time()
+        recorder.start(trainer)
+        trainer.train()
     except (ModelUnavailableError, AdapterMismatchError) as err:
         print(f"lora-rlhf train: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -339,34 +377,31 @@ def train(plan: Plan) -> int:
         return EXIT_USAGE
     except NotImplementedError as err:
         return _unfinished(s["impl"], err)
-    except KeyboardInterrupt:
-        print("\nInterrupted while loading: nothing trained, nothing saved.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(
-        f"Loaded {s['model']} on {trainer.device} in {time.perf_counter() - loading:.1f}s.",
-        flush=True,
-    )
-    recorder.start(trainer)
-
-    started, cpu_started, interrupted = time.perf_counter(), time.process_time(), False
-    try:
-        trainer.train()
-    except NotImplementedError as err:
-        return _unfinished(s["impl"], err)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as stop:
+        if recorder.trainer is None:
+            _say(
+                f"\nInterrupted ({signal_name(stop)}) while loading: nothing trained, nothing saved."
+            )
+            return exit_status(stop)
+        stopped = stop
+    stops.ignoring = True  # from here on a signal cannot cut the save short
+    if stopped is not None:
         recorder.rewind()
-        print(
-            f"\nInterrupted: saving the {trainer.phase} finished phases (the one under way is "
-            "dropped)…",
-            file=sys.stderr,
-            flush=True,
+        _say(
+            f"\nInterrupted ({signal_name(stopped)}): saving the {trainer.phase} finished phases "
+            "(the one under way is dropped)…"
         )
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    interrupted = stopped is not None
     recorder.save_all(interrupted)
     this_run = trainer.phase - start_phase
-    print_summary(plan, trainer, seconds, cpu_seconds, this_run, interrupted, recorder.summary())
-    return EXIT_INTERRUPTED if interrupted else 0
+    try:
+        print_summary(
+            plan, trainer, seconds, cpu_seconds, this_run, interrupted, recorder.summary()
+        )
+    except OSError:  # no terminal left to print to (SIGHUP): everything is saved
+        pass
+    return exit_status(stopped) if interrupted else 0
 
 
 def list_rewards() -> int:

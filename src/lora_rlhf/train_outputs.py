@@ -8,6 +8,7 @@ console summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,8 @@ CURVE_FILE = "reward_curve.png"
 SAMPLES_MD = "samples.md"
 SAMPLES_JSON = "samples.json"
 TRAINER_STATE = "trainer_state.pt"
-RUN_FILES = ("adapter_config.json", METRICS_FILE)  # a folder holding one of these holds a run
+# a folder holding one of these holds a run
+RUN_FILES = ("adapter_config.json", METRICS_FILE, "checkpoints")
 SUMMARY_EVENT = "summary"  # metrics.jsonl's last line: {"event": "summary", ...}
 
 
@@ -137,37 +139,79 @@ def _display(sample: str, bos: str | None) -> str:
 
 
 class RunRecorder:
-    """Writes a run's outputs into its folder: metrics as each phase ends, the rest on save."""
+    """Writes a run's outputs into its folder: a checkpoint and the metrics as phases end, the
+    rest on save.
+
+    ``critical`` makes a block that a stop signal does not cut short (the run's
+    :meth:`lora_rlhf.stop_signals.StopSignals.deferred`): the end of each phase runs in one.
+    """
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.out = plan.out
         self.metrics_path = self.out / METRICS_FILE
+        self.save_every = plan.settings.get("save_every", 1)
+        self.critical = contextlib.nullcontext
         self.trainer = None
+        self._snapshot: dict[str, Any] | None = None
         self.samples: dict[str, Any] = {}
+        self._unwritten: list[dict[str, Any]] = []  # metrics of phases no checkpoint holds yet
         if plan.resume is not None:
             saved = plan.resume.folder / SAMPLES_JSON
             if saved.is_file():
                 self.samples = {"before": json.loads(saved.read_text()).get("before")}
 
     def start(self, trainer) -> None:
-        """(Re)write metrics.jsonl with the phases done so far (none, unless resuming)."""
+        """(Re)write metrics.jsonl with the phases done so far (none, unless resuming); in one
+        step, since a resumed run's file may be the only copy of its metrics."""
         self.trainer = trainer
-        with open(self.metrics_path, "w") as f:
-            for metrics in trainer.history:
-                f.write(json.dumps(metrics) + "\n")
         self.snapshot()
+        with self.critical():
+            _write_metrics(self.metrics_path, trainer.history)
 
     def on_phase_end(self, metrics: dict[str, Any]) -> None:
+        """A phase ended: keep its state (and write a checkpoint when one is due), then its
+        metrics line."""
+        with self.critical():
+            if not self.samples.get("before"):
+                phase = metrics["phase"]
+                what = "untrained adaptors" if phase == 0 else "first rollout of the resumed run"
+                self.samples["before"] = self._rollout_record(
+                    phase, f"rollout of phase {phase}, {what}"
+                )
+            self._unwritten.append(metrics)
+            due = not self.save_every or self.trainer.phase % self.save_every == 0
+            if self.save_every and due:
+                try:
+                    self.write_checkpoint()
+                except OSError as err:  # a full disk, say: the run goes on, as do the old ones
+                    due = False  # its metrics wait for the next checkpoint
+                    phase = self.trainer.phase
+                    _warn(f"checkpoint {phase} not written ({err}); the one before it stands")
+            if due:
+                self._append_metrics()
+            self.snapshot()
+
+    def _append_metrics(self) -> None:
+        done = self.trainer.phase
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if not self.samples.get("before"):
-            phase = metrics["phase"]
-            what = "untrained adaptors" if phase == 0 else "first rollout of the resumed run"
-            self.samples["before"] = self._rollout_record(
-                phase, f"rollout of phase {phase}, {what}"
-            )
-        self.snapshot()
+            for metrics in self._unwritten:
+                if metrics["phase"] < done:  # not a phase a stop dropped
+                    f.write(json.dumps(metrics) + "\n")
+        self._unwritten = []
+
+    def write_checkpoint(self) -> Path:
+        """``checkpoints/phase-NNNNNN/``: the run's state now, in one step (see
+        :mod:`lora_rlhf.checkpoint`)."""
+        from lora_rlhf.checkpoint import write_checkpoint
+
+        def fill(folder: Path) -> None:
+            self._write_state(folder, interrupted=False, checkpoint=True)
+            _write_metrics(folder / METRICS_FILE, self.trainer.history)
+            before = {"before": self.samples.get("before")}
+            (folder / SAMPLES_JSON).write_text(json.dumps(before, indent=1) + "\n")
+
+        return write_checkpoint(self.out, self.trainer.phase, fill)
 
     def snapshot(self) -> None:
         """Keep the trained tensors, optimizer and random state as they are after a finished phase
@@ -190,6 +234,8 @@ class RunRecorder:
         import torch
 
         trainer, snap = self.trainer, self._snapshot
+        if snap is None:  # stopped before the first snapshot: nothing has changed yet
+            return
         with torch.no_grad():
             for param, saved in zip(_trained_params(trainer), snap["params"]):
                 param.copy_(saved)
@@ -224,43 +270,56 @@ class RunRecorder:
         }
 
     def save_adapter(self, interrupted: bool) -> None:
-        """adapter.safetensors + adapter_config.json + trainer_state.pt (replaced atomically)."""
+        """adapter.safetensors + adapter_config.json + trainer_state.pt (each replaced
+        atomically, the config last: its phase count is what ``--resume`` trusts)."""
+        from lora_rlhf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+        with tempfile.TemporaryDirectory(dir=self.out, prefix=".saving-") as tmp:
+            tmp = Path(tmp)
+            self._write_state(tmp, interrupted)
+            # The trainer state first and the config last: a save cut short by a kill leaves them
+            # disagreeing on the phase, which --resume detects; the config marks a saved run.
+            for name in (TRAINER_STATE, ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                with open(tmp / name, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp / name, self.out / name)
+
+    def _write_state(self, folder: Path, interrupted: bool, checkpoint: bool = False) -> None:
+        """The adapter, its config (with the run's settings) and the trainer state into
+        ``folder``; nothing here draws a random number or changes the trainer."""
         import torch
 
         import lora_rlhf
-        from lora_rlhf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+        from lora_rlhf.adapters import ADAPTER_CONFIG, save_adapter
 
         trainer, args = self.trainer, self.plan.rlhf_args
-        with tempfile.TemporaryDirectory(dir=self.out, prefix=".saving-") as tmp:
-            tmp = Path(tmp)
-            save_adapter(trainer.model, tmp, base_model=args.base_model)
-            config = json.loads((tmp / ADAPTER_CONFIG).read_text())
-            config.update(
-                library="lora_rlhf",
-                library_version=lora_rlhf.__version__,
-                phases_done=trainer.phase,
-                total_phases=args.total_phases,
-                seed=args.seed,
-                interrupted=interrupted,
-                reward=reward_label(self.plan.settings),
-                impl=self.plan.settings["impl"],
-                training=self.plan.settings,
-                torch_version=torch.__version__,
-                saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            )
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-            torch.save(
-                {
-                    "optimizer": trainer.optimizer.state_dict(),
-                    "rng": _rng_state(),
-                    "phase": trainer.phase,
-                    "kl_controller": _kl_controller_state(trainer),
-                },
-                tmp / TRAINER_STATE,
-            )
-            # The config goes last: its presence marks a saved run.
-            for name in (ADAPTER_WEIGHTS, TRAINER_STATE, ADAPTER_CONFIG):
-                os.replace(tmp / name, self.out / name)
+        save_adapter(trainer.model, folder, base_model=args.base_model)
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        config.update(
+            library="lora_rlhf",
+            library_version=lora_rlhf.__version__,
+            phases_done=trainer.phase,
+            total_phases=args.total_phases,
+            seed=args.seed,
+            interrupted=interrupted,
+            checkpoint=checkpoint,
+            reward=reward_label(self.plan.settings),
+            impl=self.plan.settings["impl"],
+            training=self.plan.settings,
+            torch_version=torch.__version__,
+            saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(
+            {
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "rng": _rng_state(),
+                "phase": trainer.phase,
+                "kl_controller": _kl_controller_state(trainer),
+            },
+            folder / TRAINER_STATE,
+        )
 
     def save_plot(self) -> Path | None:
         from lora_rlhf.plots import plot_reward_curve
@@ -324,6 +383,7 @@ class RunRecorder:
     def save_all(self, interrupted: bool) -> None:
         """Everything: after an interruption, the last rollout stands in for fresh samples."""
         self.save_adapter(interrupted)
+        self._append_metrics()  # the phases since the last checkpoint (with --save-every N)
         self.save_plot()
         if interrupted and self.trainer.sample_history:
             start = self.plan.resume.phases_done if self.plan.resume else 0
@@ -388,6 +448,22 @@ def summarize(history: list[dict[str, Any]], kl_final: float | None = None) -> d
         "kl_final": nan if kl_final is None else kl_final,
         "kl_coef_final": history[-1].get("kl_coef", nan),
     }
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(f"lora-rlhf train: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl with these phases, replacing the file in one step."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(metrics) + "\n" for metrics in history)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _kl_controller_state(trainer) -> dict[str, Any] | None:

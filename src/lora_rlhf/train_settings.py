@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 1,
     "dtype": "float32",
     "impl": "library",
+    "save_every": 1,  # phases between checkpoints (0: none); see lora_rlhf.checkpoint
 }
 
 # option (its dest) -> RLHFArgsLora field
@@ -98,11 +99,40 @@ def _flag(dest: str) -> str:
 
 @dataclasses.dataclass
 class ResumePoint:
-    """A saved run to continue."""
+    """A saved run to continue: its state is read from ``folder`` (the run's folder, or one of
+    its checkpoints), and the run goes on in ``run_folder`` unless ``--out`` says otherwise."""
 
     folder: Path
     config: dict[str, Any]
     phases_done: int
+    run_folder: Path | None = None  # None: the same as folder
+    notices: list[str] = dataclasses.field(default_factory=list)  # printed when the run starts
+
+    def __post_init__(self) -> None:
+        if self.run_folder is None:
+            self.run_folder = self.folder
+
+    def notices_for(self, out: Path) -> list[str]:
+        """What to tell when the run starts in ``out``: the damaged states passed over, and the
+        lines of ``out``'s metrics.jsonl past the state resumed from (they are dropped)."""
+        from lora_rlhf.run_files import metrics_past
+
+        past, done = metrics_past(out, self.phases_done), self.phases_done
+        if not past:
+            return list(self.notices)
+        phases = sorted(p for p in past if p is not None)
+        which = (
+            "unreadable"
+            if not phases
+            else f"phase {phases[0]}"
+            if len(phases) == 1
+            else f"phases {phases[0]}–{phases[-1]}"
+        )
+        return [
+            *self.notices,
+            f"{out / 'metrics.jsonl'}: {len(past)} line(s) past the {done} phases saved in "
+            f"{self.folder} dropped ({which}); those phases run again",
+        ]
 
 
 @dataclasses.dataclass
@@ -120,22 +150,21 @@ class Plan:
 
 def read_resume_point(spec: str) -> ResumePoint:
     from lora_rlhf.adapters import (
-        ADAPTER_CONFIG,
         ADAPTER_WEIGHTS,
         AdapterMismatchError,
         read_adapter_config,
     )
-    from lora_rlhf.run_files import check_run_folder
+    from lora_rlhf.run_files import NoSavedRun, choose_resume_source
 
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"--resume {spec}: no such file or folder")
-    folder = path if path.is_dir() else path.parent
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise UsageError(f"--resume {spec}: no saved run there ({ADAPTER_CONFIG} is missing)")
     try:
+        # every file --resume reads is checked, before anything is loaded
+        folder, run_folder, notices = choose_resume_source(path)
         config = read_adapter_config(folder)
-        check_run_folder(folder)  # every file --resume reads, before anything is loaded
+    except NoSavedRun as err:
+        raise UsageError(f"--resume {spec}: no saved run there ({err})") from None
     except (AdapterMismatchError, json.JSONDecodeError, OSError) as err:
         raise UsageError(f"--resume {spec}: {err}") from None
     if not (folder / ADAPTER_WEIGHTS).is_file():
@@ -146,7 +175,7 @@ def read_resume_point(spec: str) -> ResumePoint:
             f"--resume {spec}: its adapter_config.json has no phases_done "
             "(only a folder written by `lora-rlhf train` can be resumed)"
         )
-    return ResumePoint(folder=folder, config=config, phases_done=done)
+    return ResumePoint(folder, config, done, run_folder=run_folder, notices=notices)
 
 
 def merge_settings(args: argparse.Namespace, resume: ResumePoint | None) -> dict[str, Any]:
@@ -208,6 +237,7 @@ def check_numbers(s: dict[str, Any]) -> None:
     require(s["top_k"] >= 0, "top_k", "must be >= 0 (0: no top-k filtering)")
     require(s["dtype"] in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
     require(len(str(s["char"])) > 0, "char", "must not be empty")
+    require(s["save_every"] >= 0, "save_every", "must be >= 0 (0: no checkpoints during the run)")
 
 
 def check_reward(s: dict[str, Any], char_given: bool) -> None:
@@ -340,7 +370,7 @@ def check_out(out: Path, resume: ResumePoint | None) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     same_as_resumed = (
-        resume is not None and out.exists() and out.resolve() == resume.folder.resolve()
+        resume is not None and out.exists() and out.resolve() == resume.run_folder.resolve()
     )
     if out.is_dir() and not same_as_resumed:
         from lora_rlhf.train_outputs import RUN_FILES
