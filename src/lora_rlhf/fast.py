@@ -19,21 +19,15 @@ cost more than the adaptors' arithmetic (docs/benchmarks.md). The fast path comp
   a parameter is replaced or changed in place, and products are accumulated into the activation
   (``addmm_``). Under autograd they are built anew each pass, so gradients reach every A and B.
 
-Only the adaptor contract is read (SPEC §4; :func:`lora_rlhf.adapters.scaling_of`) —
+Only the adaptor contract is read (:func:`lora_rlhf.adapters.scaling_of`) —
 ``model.lora[i].lora_q/k/v/o``, each with ``A``, ``B``, ``rank`` and ``lora_alpha`` — so it runs
 the library's classes and a student's alike.
 
-<<<<<<< HEAD
-``fast_lora(model)`` switches it on for a block, ``install_fast_lora`` for good (it
-returns the undo). In between, ``forward_with_value_head`` and ``generate`` run fast; plain
-``forward`` stays the base model (π_ref). ``with_fast_lora(trainer_class)`` gives the trainer
-whose model runs this way: what ``lora-rlhf train --impl library`` trains (any other ``--impl``
-=======
-``fast_lora(model, lora_alpha)`` switches it on for a block, ``install_fast_lora`` for good (it
-returns the undo). In between, ``forward_with_value_head`` and ``generate`` run fast, their hooks
-attached by :func:`lora_rlhf.lean_hooks.attached_hooks`; plain ``forward`` stays the base model
-(π_ref). ``with_fast_lora(trainer_class)`` gives the trainer whose model runs this way: what ``lora-rlhf train --impl library`` trains (any other ``--impl``
->>>>>>> i25
+``fast_lora(model)`` switches it on for a block, ``install_fast_lora`` for good (it returns the
+undo). In between, ``forward_with_value_head`` and ``generate`` run fast, their hooks attached by
+:func:`lora_rlhf.lean_hooks.attached_hooks`; plain ``forward`` stays the base model (π_ref).
+``with_fast_lora(trainer_class)`` gives the trainer whose model runs this way: what
+``lora-rlhf train --impl library`` trains (any other ``--impl``
 trains the submission's own classes as they are).
 """
 
