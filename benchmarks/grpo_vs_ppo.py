@@ -1,165 +1,247 @@
-"""GRPO against PPO on the default task of `lora-rlhf train`, with the same wall-clock budget.
+"""GRPO against PPO over seeds, each run being the command itself: `lora-rlhf train --algo A --seed N`.
 
-    python -m benchmarks.grpo_vs_ppo --budget 240 --seeds 1 2 3 --out docs/training/grpo_vs_ppo.json
+    python -m benchmarks.grpo_vs_ppo --runs-dir runs/grpo_vs_ppo --threads 1 \\
+        --out docs/grpo/grpo_vs_ppo.json --plot docs/grpo/grpo_vs_ppo.png
 
-For each seed, one PPO and one GRPO run start together, each in a fresh process on one thread
-(``--threads``), so that both see the same load from the rest of the machine. Each runs the
-command's default settings (``lora_rlhf.train_settings.DEFAULTS``: 30 phases, its learning-rate
-schedule, its KL coefficient controller) and stops after the first phase that ends past the
-budget (or after the 30 phases). Recorded per run: the phases done, the reward of the first
-phase and the mean of the last five, the KL(π ‖ π_ref) per generated token of the last rollout
-(full vocabulary for both), the mean phase time (and its rollout part), the peak resident memory
-of training (VmHWM, reset after the model is loaded) and of the whole process, and the
-machine's load average (``os.getloadavg``) at the start and the end.
+Every run is ``python -m lora_rlhf.train_cli --algo A --seed N --out DIR [--threads T] [options]``
+in a fresh process: the trainer classes, the fast path, the defaults (the algorithm's own
+included) and the threads are the command's, because it *is* the command (``--threads`` is passed
+through as given; left out, the command uses torch's). At most ``--jobs`` run at a time.
+
+``--runs-dir`` holds the run folders. A folder there whose saved settings (``adapter_config.json``)
+are the settings the command would use for (algorithm, seed, options), and which finished every
+phase, is reused instead of run again, whatever its name; so the runs of a sweep made with the
+plain command are the benchmark's runs. Only what is missing runs.
+
+Reported per algorithm (mean, and the min-max over the seeds): the first phase's reward, the mean
+reward of the last five phases, their ratio and the fraction of seeds at ≥ 2×, the mean KL(π ‖
+π_ref) per generated token of the last five phases, the mean reward of the 16 fresh samples after
+training and how many of them are reward hacks (:mod:`lora_rlhf.hacking`), and the mean phase
+time. ``--plot`` draws every run in one reward-against-KL scatter.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+ALGOS = ("ppo", "grpo")
+THRESHOLD = 2.0  # the course's bar: last-5 reward at least twice the first phase's
 
 
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    return float("nan")
+def command(algo: str, seed: int, out: Path, threads: int | None, options: list[str]) -> list[str]:
+    """The `lora-rlhf train` command line of one run (run with this Python)."""
+    argv = [sys.executable, "-m", "lora_rlhf.train_cli", "--algo", algo, "--seed", str(seed)]
+    argv += ["--out", str(out), "--no-progress", *options]
+    return argv + ([] if threads is None else ["--threads", str(threads)])
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
-        return True
-    except OSError:
+def planned_settings(algo: str, seed: int, options: list[str]) -> dict[str, Any]:
+    """The settings `lora-rlhf train` would train with (what its adapter_config.json saves)."""
+    from lora_rlhf.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--algo", algo, "--seed", str(seed), *options])
+    from lora_rlhf.train_settings import merge_settings
+
+    return merge_settings(args, None)
+
+
+def finished_run(folder: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds a run of exactly ``settings`` that did all its phases."""
+    from lora_rlhf.train_outputs import read_summary
+
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
         return False
+    config = json.loads(config_path.read_text())
+    summary = read_summary(folder)
+    return (
+        config.get("training") == settings
+        and not config.get("interrupted")
+        and summary is not None
+        and summary["phases_done"] == settings["phases"]
+    )
 
 
-def child(algo: str, seed: int, budget: float, threads: int) -> dict:
-    import torch
+def find_run(runs_dir: Path, settings: dict[str, Any]) -> Path | None:
+    if not runs_dir.is_dir():
+        return None
+    return next((d for d in sorted(runs_dir.iterdir()) if finished_run(d, settings)), None)
 
-    from lora_rlhf.train_settings import DEFAULTS, build_args
-    from lora_rlhf.trainer import build_trainer
 
-    torch.set_num_threads(threads)
-    settings = dict(DEFAULTS, algo=algo, seed=seed)
-    args = build_args(settings, "cpu", False, "benchmark")
-    if algo == "grpo":
-        from lora_rlhf.grpo_trainer import GRPOTrainer as trainer_class
-    else:
-        from lora_rlhf.lora import RLHFTrainerLora as trainer_class
+def _number(value: float | None) -> float:
+    return math.nan if value is None else value  # metrics.jsonl writes NaN as null
 
-    load_avg_start = os.getloadavg()
-    start = time.perf_counter()
-    trainer = build_trainer(trainer_class, args, show_progress=False)
-    load_seconds = time.perf_counter() - start
-    load_peak = _vm_hwm_mb()
-    reset = _reset_peak()
-    start = time.perf_counter()
-    history = []
-    while trainer.phase < args.total_phases and time.perf_counter() - start < budget:
-        history.append(trainer.run_phase())
-    seconds = time.perf_counter() - start
-    rewards = [m["reward_mean"] for m in history]
-    trained = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+
+def run_record(folder: Path) -> dict[str, Any]:
+    """One finished run, read back from its folder."""
+    from lora_rlhf.hacking import count_hacks
+    from lora_rlhf.train_outputs import read_metrics, read_summary
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    s, phases, summary = config["training"], read_metrics(folder), read_summary(folder)
+    after = json.loads((folder / "samples.json").read_text())["after"]
+    rewards = [m["reward_mean"] for m in phases]
+    running = [statistics.fmean(rewards[max(0, i - 4) : i + 1]) for i in range(len(rewards))]
     return {
-        "algo": algo,
-        "seed": seed,
-        "budget_s": budget,
-        "threads": threads,
-        "phases": len(history),
-        "train_seconds": seconds,
-        "load_seconds": load_seconds,
-        "reward_first": rewards[0],
-        "reward_last5": statistics.fmean(rewards[-5:]),
-        "kl_last": history[-1]["kl"],
-        "kl_coef_last": history[-1].get("kl_coef", args.kl_coef),
-        "phase_seconds": statistics.fmean(m["phase_seconds"] for m in history),
-        "rollout_seconds": statistics.fmean(m["rollout_seconds"] for m in history),
-        "train_peak_rss_mb": _vm_hwm_mb() if reset else float("nan"),
-        "load_peak_rss_mb": load_peak,
-        "trained_params": sum(p.numel() for p in trained),
-        "load_avg_start": load_avg_start,
-        "load_avg_end": os.getloadavg(),
+        "algo": s["algo"],
+        "seed": s["seed"],
+        "folder": str(folder),
+        "phases": len(phases),
+        "reward_first": _number(summary["reward_first"]),
+        "reward_last5": _number(summary["reward_last5"]),
+        "reward_ratio": _number(summary["reward_ratio"]),
+        "lowest_running5_after_10": min(running[10:], default=None),
+        "kl_last5": _number(summary["kl_last5"]),
+        "kl_final": _number(summary["kl_final"]),
+        "reward_after": statistics.fmean(after["rewards"]),
+        "samples_after": len(after["samples"]),
+        # recomputed, so that runs saved before the meter existed count the same way
+        "hacks_after": count_hacks(after["samples"], s["reward"], s["char"]),
+        "phase_seconds": statistics.fmean(m["phase_seconds"] for m in phases),
         "rewards": rewards,
-        "kl": [m["kl"] for m in history],
+        "kl": [m["kl"] for m in phases],
     }
 
 
-def plot(runs: list[dict], path: Path) -> None:
-    """Reward per phase of every run: PPO dashed, GRPO solid, one colour per seed."""
+def run_missing(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
+    """Run the commands, ``parallel`` at a time; stop at the first that fails."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, argv, log = pending.pop(0)
+            print(f"running {name}: {' '.join(argv[1:])} (load {os.getloadavg()[0]:.2f})")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
+            running.append((name, proc, log))
+        time.sleep(1)
+        for item in list(running):
+            name, proc, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode:
+                for _, other, _ in running:
+                    other.terminate()
+                raise SystemExit(f"{name} failed (exit {proc.returncode}); its output: {log}")
+            print(f"finished {name} (load {os.getloadavg()[0]:.2f})")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per algorithm: the spread over its seeds of each figure, and the share of seeds at ≥ 2×."""
+    table = {}
+    for algo in sorted({r["algo"] for r in runs}, key=ALGOS.index):
+        mine = [r for r in runs if r["algo"] == algo]
+        row = {"seeds": [r["seed"] for r in mine]}
+        for key in ("reward_first", "reward_last5", "reward_ratio", "kl_last5", "reward_after"):
+            row[key] = spread([r[key] for r in mine])
+        row["phase_seconds"] = spread([r["phase_seconds"] for r in mine])
+        row["at_least_2x"] = sum(r["reward_ratio"] >= THRESHOLD for r in mine) / len(mine)
+        hacks = [r["hacks_after"] for r in mine]
+        row["hacks_after"] = None if None in hacks else sum(hacks)
+        row["samples_after"] = sum(r["samples_after"] for r in mine)
+        table[algo] = row
+    return table
+
+
+def report(table: dict[str, dict[str, Any]]) -> str:
+    def cell(d: dict[str, float], digits: int = 2) -> str:
+        return f"{d['mean']:.{digits}f} ({d['min']:.{digits}f}–{d['max']:.{digits}f})"
+
+    lines = [
+        "| algo | seeds | first phase | last 5 phases | ratio | ≥ 2× | KL, last 5 | after training "
+        "| reward hacks after | s/phase |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for algo, row in table.items():
+        hacks = "n/a" if row["hacks_after"] is None else f"{row['hacks_after']}"
+        lines.append(
+            f"| {algo.upper()} | {', '.join(map(str, row['seeds']))} | {cell(row['reward_first'])} "
+            f"| {cell(row['reward_last5'])} | ×{cell(row['reward_ratio'])} "
+            f"| {row['at_least_2x']:.0%} | {cell(row['kl_last5'])} | {cell(row['reward_after'])} "
+            f"| {hacks} of {row['samples_after']} | {cell(row['phase_seconds'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Every run as one point: the last five phases' mean reward against their mean KL."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    fig = Figure(figsize=(6, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    seeds = sorted({r["seed"] for r in runs})
-    for r in runs:
-        colour = f"C{seeds.index(r['seed'])}"
-        style = "-" if r["algo"] == "grpo" else "--"
-        ax.plot(r["rewards"], style, color=colour, marker="o", markersize=3,
-                label=f"{r['algo'].upper()} seed {r['seed']}")  # fmt: skip
-    ax.set_xlabel(f"phase (each run stopped after the first past {runs[0]['budget_s']:.0f} s)")
-    ax.set_ylabel("mean reward (count of '.')")
-    ax.set_title("GRPO (solid) against PPO (dashed), same wall-clock budget")
-    ax.legend(ncols=3, fontsize="small")
+    for i, algo in enumerate(sorted({r["algo"] for r in runs}, key=ALGOS.index)):
+        mine = [r for r in runs if r["algo"] == algo]
+        xs, ys = [r["kl_last5"] for r in mine], [r["reward_last5"] for r in mine]
+        ax.scatter(xs, ys, color=f"C{i}", marker="os"[i % 2], label=algo.upper())
+        for r, x, y in zip(mine, xs, ys):
+            ax.annotate(str(r["seed"]), (x, y), textcoords="offset points", xytext=(4, 3))
+    ax.set_xlabel("KL(π ‖ π_ref) per generated token, last 5 phases (nats)")
+    ax.set_ylabel("mean reward, last 5 phases")
+    ax.set_title("Every run (numbers: seeds)")
+    ax.legend()
     fig.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=float, default=240.0, help="training seconds per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--out", type=Path, help="write every run's results here (JSON)")
-    p.add_argument("--plot", type=Path, help="draw the --out results into this PNG (no runs)")
-    p.add_argument("--child", choices=("ppo", "grpo"), help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/grpo_vs_ppo"),
+                   help="run folders: finished runs of the same settings are reused")  # fmt: skip
+    p.add_argument("--threads", type=int, help="passed to the command (default: torch's)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--out", type=Path, help="write every run and the summary here (JSON)")
+    p.add_argument("--plot", type=Path, help="the reward-against-KL scatter (PNG)")
+    p.add_argument("--no-run", action="store_true", help="report the finished runs only")
+    p.add_argument("options", nargs=argparse.REMAINDER,
+                   help="after --: more `lora-rlhf train` options, the same for every run")  # fmt: skip
     opts = p.parse_args(argv)
-    if opts.child:
-        print(json.dumps(child(opts.child, opts.seed, opts.budget, opts.threads)))
-        return
-    if opts.plot:
-        plot(json.loads(opts.out.read_text()), opts.plot)
-        return
+    options = [o for o in opts.options if o != "--"]
 
-    runs = []
-    for seed in opts.seeds:
-        procs = {
-            algo: subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.grpo_vs_ppo", "--child", algo]
-                + ["--seed", str(seed), "--budget", str(opts.budget)]
-                + ["--threads", str(opts.threads)],
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": str(opts.threads)},
-            )
-            for algo in ("ppo", "grpo")
-        }
-        for algo, proc in procs.items():
-            out, _ = proc.communicate()
-            if proc.returncode:
-                raise SystemExit(f"{algo} seed {seed} failed (exit {proc.returncode})")
-            run = json.loads(out.strip().splitlines()[-1])
-            runs.append(run)
-            print(
-                f"seed {seed} {algo:4}: {run['phases']} phases in {run['train_seconds']:.0f} s "
-                f"({run['phase_seconds']:.1f} s/phase), reward {run['reward_first']:.2f} -> "
-                f"{run['reward_last5']:.2f}, KL {run['kl_last']:.3f}, train peak "
-                f"{run['train_peak_rss_mb']:.0f} MB, load {run['load_avg_start'][0]:.1f}"
-                f"->{run['load_avg_end'][0]:.1f}",
-                flush=True,
-            )
-        if opts.out:
-            opts.out.parent.mkdir(parents=True, exist_ok=True)
-            opts.out.write_text(json.dumps(runs, indent=1) + "\n")
+    wanted, jobs = [], []
+    for algo in opts.algos:
+        for seed in opts.seeds:
+            settings = planned_settings(algo, seed, options)
+            folder = find_run(opts.runs_dir, settings)
+            if folder is None and not opts.no_run:
+                folder = opts.runs_dir / f"{algo}_s{seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+                argv = command(algo, seed, folder, opts.threads, options)
+                jobs.append((f"{algo} seed {seed}", argv, folder.with_suffix(".log")))
+            wanted.append(folder)
+    run_missing(jobs, opts.jobs)
+    runs = [run_record(folder) for folder in wanted if folder is not None]
+    if not runs:
+        raise SystemExit(f"no finished runs in {opts.runs_dir} (leave out --no-run to run them)")
+    for r in runs:
+        hacks = "n/a" if r["hacks_after"] is None else f"{r['hacks_after']}/{r['samples_after']}"
+        print(
+            f"{r['algo']:4} seed {r['seed']}: reward {r['reward_first']:.3f} -> "
+            f"{r['reward_last5']:.3f} (×{r['reward_ratio']:.2f}), KL last 5 {r['kl_last5']:.3f}, "
+            f"after {r['reward_after']:.3f}, hacks {hacks}, {r['phase_seconds']:.1f} s/phase"
+        )
+    table = aggregate(runs)
+    print(report(table))
+    if opts.out:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"options": options, "threads": opts.threads, "summary": table, "runs": runs}
+        opts.out.write_text(json.dumps(record, indent=1) + "\n")
+    if opts.plot:
+        plot(runs, opts.plot)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,20 @@ def test_resume_keeps_the_adaptive_coefficient(finished, tmp_path):
     error = min(max(old[-1]["kl"] / training["kl_target"] - 1, -0.2), 0.2)
     expected = old[-1]["kl_coef"] * (1 + error * 4 / training["kl_horizon"])
     assert new[-1]["kl_coef"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_summary_reports_the_fresh_samples_mean_reward_and_reward_hacks(tmp_path, capsys):
+    from lora_rlhf.hacking import count_hacks
+
+    out = tmp_path / "run"
+    assert train(out, phases=2) == 0  # char_count '.': the stop rule applies
+    console = capsys.readouterr().out
+    after = json.loads((out / "samples.json").read_text())["after"]
+    summary = read_summary(out)
+    hacks = count_hacks(after["samples"], "char_count")
+    assert summary["samples_after"] == len(after["samples"]) == 4
+    assert summary["reward_after"] == pytest.approx(sum(after["rewards"]) / 4)
+    assert summary["hacks_after"] == hacks
+    assert f"reward hacks {hacks} of 4" in console
+    md = (out / "samples.md").read_text()
+    assert md.count("Reward hacks ") == 2 and f"Reward hacks {hacks} of 4" in md

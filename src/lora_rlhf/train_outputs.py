@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_rlhf.hacking import count_hacks
 from lora_rlhf.train_settings import Plan, ResumePoint, reward_label
 
 METRICS_FILE = "metrics.jsonl"
@@ -363,6 +364,7 @@ class RunRecorder:
                 continue
             rewards = record["rewards"]
             mean = sum(rewards) / len(rewards) if rewards else float("nan")
+            hacks = count_hacks(record["samples"], s["reward"], s["char"])
             lines += [
                 "",
                 f"## {heading} — {record['what']}",
@@ -372,7 +374,8 @@ class RunRecorder:
                     f" KL(π‖π_ref) {record['kl']:.3f} nats per generated token."
                     if "kl" in record
                     else ""
-                ),
+                )
+                + ("" if hacks is None else f" {_hacks_label(hacks, len(rewards)).capitalize()}."),
                 "",
                 "```text",
                 *(f"[{r:g}] {_display(t, bos)}" for t, r in zip(record["samples"], rewards)),
@@ -397,9 +400,17 @@ class RunRecorder:
         self.save_adaptor_map()  # last: everything else is saved even if a student's class trips it
 
     def summary(self) -> dict[str, Any]:
-        """:func:`summarize` of the history, with the KL of the fresh samples after training."""
+        """:func:`summarize` of the history, with the KL of the fresh samples after training, their
+        number, mean reward and reward hacks (``lora_rlhf.hacking``; None for a reward without a
+        rule)."""
         after = self.samples.get("after") or {}
-        return summarize(self.trainer.history, kl_final=after.get("kl"))
+        rewards, s = after.get("rewards") or [], self.plan.settings
+        return {
+            **summarize(self.trainer.history, kl_final=after.get("kl")),
+            "samples_after": len(rewards),
+            "reward_after": sum(rewards) / len(rewards) if rewards else math.nan,
+            "hacks_after": count_hacks(after.get("samples") or [], s["reward"], s["char"]),
+        }
 
     def save_summary(self) -> None:
         """Append the summary line to ``metrics.jsonl`` (``start`` rewrites the file without it)."""
@@ -471,6 +482,10 @@ def _kl_controller_state(trainer) -> dict[str, Any] | None:
     return None if controller is None else controller.state_dict()
 
 
+def _hacks_label(hacks: int, total: int) -> str:
+    return f"reward hacks {hacks} of {total} (lora_rlhf.hacking)"
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
@@ -509,6 +524,14 @@ def print_summary(
         print(
             f"KL(π‖π_ref) per generated token: last 5 phases {s['kl_last5']:.3f} nats{final}; "
             f"KL coefficient at the end {s['kl_coef_final']:.4g}."
+        )
+    if s.get("samples_after"):
+        hacks = s.get("hacks_after")
+        print(
+            f"Fresh samples after training: mean reward {s['reward_after']:.3f} over "
+            f"{s['samples_after']}"
+            + ("" if hacks is None else f"; {_hacks_label(hacks, s['samples_after'])}")
+            + "."
         )
     print(f"Output in {out}/:")
     for name, what in (
