@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from lora_rlhf.cli import build_parser
-    from lora_rlhf.train_cli import RunRecorder, prepare
+    from lora_rlhf.cli.command import build_parser
+    from lora_rlhf.cli.train import RunRecorder, prepare
 
     torch.set_num_threads(opts.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
     python -m benchmarks.grpo_vs_ppo --runs-dir runs/grpo_vs_ppo --threads 1 \\
         --out docs/grpo/grpo_vs_ppo.json --plot docs/grpo/grpo_vs_ppo.png
 
-Every run is ``python -m lora_rlhf.train_cli --algo A --seed N --out DIR [--threads T] [options]``
+Every run is ``python -m lora_rlhf.cli.train --algo A --seed N --out DIR [--threads T] [options]``
 in a fresh process: the trainer classes, the fast path, the defaults (the algorithm's own
 included) and the threads are the command's, because it *is* the command (``--threads`` is passed
 through as given; left out, the command uses torch's). At most ``--jobs`` run at a time.
@@ -16,7 +16,7 @@ plain command are the benchmark's runs. Only what is missing runs.
 Reported per algorithm (mean, and the min-max over the seeds): the first phase's reward, the mean
 reward of the last five phases, their ratio and the fraction of seeds at ≥ 2×, the mean KL(π ‖
 π_ref) per generated token of the last five phases, the mean reward of the 16 fresh samples after
-training and how many of them are reward hacks (:mod:`lora_rlhf.hacking`), and the mean phase
+training and how many of them are reward hacks (:mod:`lora_rlhf.rlhf.hacking`), and the mean phase
 time. ``--plot`` draws every run in one reward-against-KL scatter.
 """
 
@@ -39,24 +39,24 @@ THRESHOLD = 2.0  # the course's bar: last-5 reward at least twice the first phas
 
 def command(algo: str, seed: int, out: Path, threads: int | None, options: list[str]) -> list[str]:
     """The `lora-rlhf train` command line of one run (run with this Python)."""
-    argv = [sys.executable, "-m", "lora_rlhf.train_cli", "--algo", algo, "--seed", str(seed)]
+    argv = [sys.executable, "-m", "lora_rlhf.cli.train", "--algo", algo, "--seed", str(seed)]
     argv += ["--out", str(out), "--no-progress", *options]
     return argv + ([] if threads is None else ["--threads", str(threads)])
 
 
 def planned_settings(algo: str, seed: int, options: list[str]) -> dict[str, Any]:
     """The settings `lora-rlhf train` would train with (what its adapter_config.json saves)."""
-    from lora_rlhf.cli import build_parser
+    from lora_rlhf.cli.command import build_parser
 
     args = build_parser().parse_args(["train", "--algo", algo, "--seed", str(seed), *options])
-    from lora_rlhf.train_settings import merge_settings
+    from lora_rlhf.cli.settings import merge_settings
 
     return merge_settings(args, None)
 
 
 def finished_run(folder: Path, settings: dict[str, Any]) -> bool:
     """Whether ``folder`` holds a run of exactly ``settings`` that did all its phases."""
-    from lora_rlhf.train_outputs import read_summary
+    from lora_rlhf.cli.outputs import read_summary
 
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
@@ -83,8 +83,8 @@ def _number(value: float | None) -> float:
 
 def run_record(folder: Path) -> dict[str, Any]:
     """One finished run, read back from its folder."""
-    from lora_rlhf.hacking import count_hacks
-    from lora_rlhf.train_outputs import read_metrics, read_summary
+    from lora_rlhf.cli.outputs import read_metrics, read_summary
+    from lora_rlhf.rlhf.hacking import count_hacks
 
     config = json.loads((folder / "adapter_config.json").read_text())
     s, phases, summary = config["training"], read_metrics(folder), read_summary(folder)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lora_rlhf.fast import install_fast_lora
-from lora_rlhf.lean_hooks import attached_hooks
-from lora_rlhf.lora import TransformerWithValueHeadLora
-from lora_rlhf.merge import merge_lora
+from lora_rlhf.adapters.merge import merge_lora
+from lora_rlhf.fast.hooks import attached_hooks
+from lora_rlhf.fast.lora import install_fast_lora
+from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 from lora_rlhf.models.sharing import distinct_tensors
 
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -39,7 +39,7 @@ class Setup:
     """What the cases run on; built once by :func:`build`."""
 
     model: TransformerWithValueHeadLora  # plain forward = the base model
-    fast: TransformerWithValueHeadLora  # a copy of it, its adaptors run by lora_rlhf.fast
+    fast: TransformerWithValueHeadLora  # a copy of it, its adaptors run by lora_rlhf.fast.lora
     merged: torch.nn.Module
     tokens: Tensor
     hf: torch.nn.Module | None = None  # transformers model, same base weights
@@ -86,7 +86,7 @@ def build(
 def _add_peft(setup: Setup, rank: int, alpha: float) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from lora_rlhf.peft_export import export_peft, hf_llama_from_hooked
+    from lora_rlhf.adapters.peft_export import export_peft, hf_llama_from_hooked
 
     model, tokens = setup.model, setup.tokens
     device = tokens.device
@@ -178,7 +178,7 @@ def cases(setup: Setup) -> dict[str, Callable[[], object]]:
         with torch.no_grad(), attached_hooks(model, [model.value_head_hook]):
             model(tokens)
 
-    def fast_fwd():  # the same adaptors through the library's fast path (lora_rlhf.fast)
+    def fast_fwd():  # the same adaptors through the library's fast path (lora_rlhf.fast.lora)
         with torch.no_grad():
             fast.forward_with_value_head(tokens)
 

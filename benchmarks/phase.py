@@ -3,7 +3,7 @@
     python benchmarks/phase.py --trainer lora --phases 2 --threads 2
 
 Trainers: ``lora`` (Section 2's teaching classes, as ``--impl solutions`` trains them), ``fast``
-(the same classes through ``lora_rlhf.fast``, as ``lora-rlhf train`` trains by default), ``full``
+(the same classes through ``lora_rlhf.fast.lora``, as ``lora-rlhf train`` trains by default), ``full``
 (Section 1's full fine-tuning, same settings).
 
 Peak memory is this process's maximum resident set size: it includes Python, torch and the imports
@@ -46,7 +46,7 @@ def _peak_rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lora_rlhf import train_cli  # the command's defaults and options (it imports no torch)
+    import lora_rlhf.cli.train as train_cli  # the command's defaults and options (it imports no torch)
 
     d = train_cli.DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from lora_rlhf.args import RLHFArgs
-    from lora_rlhf.fast import with_fast_lora
-    from lora_rlhf.lora import RLHFTrainerLora
+    from lora_rlhf.fast.lora import with_fast_lora
+    from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
     from lora_rlhf.models.sharing import distinct_tensors
-    from lora_rlhf.trainer import RLHFTrainer, build_trainer
+    from lora_rlhf.rlhf.args import RLHFArgs
+    from lora_rlhf.rlhf.trainer import RLHFTrainer, build_trainer
 
     if opts.threads:
         torch.set_num_threads(opts.threads)

@@ -100,7 +100,7 @@ def _forward_rows(
         row(
             "1",
             "Forward as the library trains: `forward_with_value_head` through the fast path "
-            "(`lora_rlhf.fast`) vs base `forward` + value head",
+            "(`lora_rlhf.fast.lora`) vs base `forward` + value head",
             _ratio_cell(r),
             forward_verdict(r),
             f"{_ms(t, 'fast_fwd')} vs {_ms(t, 'base_vh_fwd')}; max |Δlogits| vs the teaching "
@@ -502,7 +502,7 @@ HEADLINES = {  # key -> (issue's item, what, target)
     "forward": ("1", "forward, LoRA model by the teaching hooks (Exercise 2) vs base", "—"),
     "forward_fast": (
         "1",
-        "forward_with_value_head, fast path (`lora_rlhf.fast`) vs base + value head",
+        "forward_with_value_head, fast path (`lora_rlhf.fast.lora`) vs base + value head",
         f"≤ {FORWARD_TARGET:.2f}×",
     ),
     "fwdbwd": ("1", "forward+backward, LoRA vs base", "—"),

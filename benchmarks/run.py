@@ -172,7 +172,7 @@ def run_suite(opts, meta: dict) -> dict:
     }
     meta["load_samples"].append(_load())
 
-    grade = [sys.executable, "-m", "lora_rlhf.cli", "grade"]
+    grade = [sys.executable, "-m", "lora_rlhf.cli.command", "grade"]
     shown = "lora-rlhf grade solutions"
     probe = subprocess.run([*grade, "--help"], capture_output=True, text=True, cwd=ROOT)
     if probe.returncode != 0:

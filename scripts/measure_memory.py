@@ -77,10 +77,10 @@ def _tensor_mib(tensors) -> float:
 def child(mode: str, options: argparse.Namespace) -> dict:
     import torch
 
-    import lora_rlhf.lora  # noqa: F401  (import everything a run imports before measuring)
-    from lora_rlhf import train_cli
-    from lora_rlhf.args import RLHFArgs
-    from lora_rlhf.trainer import RLHFTrainer, build_trainer
+    import lora_rlhf.cli.train as train_cli
+    import lora_rlhf.lessons.section2_lora  # noqa: F401  (import everything a run imports before measuring)
+    from lora_rlhf.rlhf.args import RLHFArgs
+    from lora_rlhf.rlhf.trainer import RLHFTrainer, build_trainer
 
     torch.set_num_threads(options.threads)
     result: dict = {"mode": mode, "rss_after_import": _rss()}
@@ -91,7 +91,7 @@ def child(mode: str, options: argparse.Namespace) -> dict:
         settings["gen_len"] = options.gen_len
     lora_args = train_cli._build_args(settings, "cpu", False, "memory")
     if mode == "lora":
-        from lora_rlhf.lora import RLHFTrainerLora as trainer_class
+        from lora_rlhf.lessons.section2_lora import RLHFTrainerLora as trainer_class
 
         args = lora_args
     else:

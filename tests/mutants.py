@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "section2_lora.py"
 
 
-# Method bodies of the solution (src/lora_rlhf/lora.py), as the edits below find them.
+# Method bodies of the solution (src/lora_rlhf/lessons/section2_lora.py), as the edits below find them.
 LORA_PRODUCTS = (
     '        x_a = einops.einsum(x, self.A, "... inst d_in, inst d_in rank -> ... inst rank")\n'
     '        x_a_b = einops.einsum(x_a, self.B, "... inst rank, inst rank d_out -> ... inst d_out")\n'

@@ -25,12 +25,13 @@ import signal
 import sys
 import time
 
+import lora_rlhf.cli.checkpoint as checkpoint
+
 # Imported here, once, by the forkserver that the tests preload this module into.
-import lora_rlhf.cli  # noqa: F401
-from lora_rlhf import checkpoint
-from lora_rlhf.grpo import GRPOTrainerLora
-from lora_rlhf.train_outputs import RunRecorder
-from lora_rlhf.trainer import RLHFTrainer
+import lora_rlhf.cli.command  # noqa: F401
+from lora_rlhf.cli.outputs import RunRecorder
+from lora_rlhf.lessons.section3_grpo import GRPOTrainerLora
+from lora_rlhf.rlhf.trainer import RLHFTrainer
 
 
 def _kill(signum: int = signal.SIGKILL) -> None:
@@ -92,7 +93,7 @@ def run(point: str, options: list[str], log: str | None = None) -> None:
         os.dup2(fd, 2)
     if point != "none":
         install(point)
-    sys.exit(lora_rlhf.cli.main(["train", *options]))
+    sys.exit(lora_rlhf.cli.command.main(["train", *options]))
 
 
 if __name__ == "__main__":

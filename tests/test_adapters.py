@@ -11,7 +11,7 @@ from test_merge import make_lora_model, tokens
 from transformer_lens import HookedTransformer
 
 import lora_rlhf
-from lora_rlhf.adapters import (
+from lora_rlhf.adapters.files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterMismatchError,
@@ -23,8 +23,8 @@ from lora_rlhf.adapters import (
     read_adapter_config,
     save_adapter,
 )
-from lora_rlhf.lora import TransformerWithValueHeadLora
-from lora_rlhf.mlp_lora import TransformerWithValueHeadMlpLora
+from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
+from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 
 GREEDY = dict(max_new_tokens=5, do_sample=False, verbose=False, stop_at_eos=False)
 
@@ -191,8 +191,8 @@ def test_a_peft_folder_is_refused_with_a_pointer_to_peft(tmp_path):
 def test_the_contract_is_read_from_a_course_written_submission_and_its_absence_named(tmp_path):
     """α/r comes from the adaptor's own `lora_alpha` and `rank` (SPEC §4), as the course's given
     Lora.__init__ keeps them; an adaptor without them is refused with their names."""
-    from lora_rlhf.adapters import AdaptorContractError, scaling_of
-    from lora_rlhf.impl import load_impl
+    from lora_rlhf.adapters.files import AdaptorContractError, scaling_of
+    from lora_rlhf.authoring.implementations import load_impl
 
     course = Path(__file__).parent / "grading_fixtures" / "course_submission.py"
     impl = load_impl(str(course))

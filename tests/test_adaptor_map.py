@@ -1,4 +1,4 @@
-"""The adaptor map (lora_rlhf.adaptor_map) and `lora-rlhf inspect`.
+"""The adaptor map (lora_rlhf.adapters.adaptor_map) and `lora-rlhf inspect`.
 
 The map's numbers are compared with ΔW = (α/r)·A[h]·B[h] formed explicitly here, in float64, on
 tiny models with hand-set A and B, against the weights each adaptor adapts (the grouped _W_K/_W_V
@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lora_rlhf.adaptor_map import MAP_FILE, adaptor_map
-from lora_rlhf.cli import main
-from lora_rlhf.lora import TransformerWithValueHeadLora
-from lora_rlhf.mlp_lora import TransformerWithValueHeadMlpLora
-from lora_rlhf.plots import plot_adaptor_map
+from lora_rlhf.adapters.adaptor_map import MAP_FILE, adaptor_map
+from lora_rlhf.cli.command import main
+from lora_rlhf.cli.plots import plot_adaptor_map
+from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
+from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 
 ALPHA, RANK = 8, 2  # α/r = 4, written out below rather than read from the model
 SCALE = ALPHA / RANK
@@ -178,7 +178,7 @@ TINY_RUN = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A saved tiny run, and the map of its trained model as it was in memory at the end."""
-    from lora_rlhf.train_outputs import RunRecorder
+    from lora_rlhf.cli.outputs import RunRecorder
 
     out = tmp_path_factory.mktemp("run") / "run"
     trainers = []

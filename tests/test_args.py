@@ -5,8 +5,8 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from lora_rlhf.args import ArgsError, RLHFArgs
-from lora_rlhf.rewards import REWARDS, reward_fn_char_count, reward_fn_length
+from lora_rlhf.rlhf.args import ArgsError, RLHFArgs
+from lora_rlhf.rlhf.rewards import REWARDS, reward_fn_char_count, reward_fn_length
 
 SPEC_DEFAULTS = dict(
     seed=1,

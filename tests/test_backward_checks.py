@@ -14,9 +14,9 @@ import pytest
 import torch
 from backward_mutants import COURSE_SUBMISSION, MUTANTS, VARIANTS
 
+from lora_rlhf.authoring.implementations import load_impl
 from lora_rlhf.checks import CHECKS, backward_checks, checks_for, run_check
 from lora_rlhf.checks.reference import ALPHA, RANK, adaptor_values, merge_into
-from lora_rlhf.impl import load_impl
 from lora_rlhf.models import load_model
 
 GRADIENT_CHECKS = ("hooks_gradients_tiny_llama", "hooks_gradients_tiny_pythia", "model_gradients")
@@ -26,7 +26,12 @@ FORWARD_CHECKS = (
     "hooks_merged_tiny_pythia",
     "model_forward_with_value_head",
 )
-UNDER_TEST = ("lora_rlhf.lora", "lora_rlhf.fast", "lora_rlhf.merge", "lora_rlhf.adapters")
+UNDER_TEST = (
+    "lora_rlhf.lessons.section2_lora",
+    "lora_rlhf.fast.lora",
+    "lora_rlhf.adapters.merge",
+    "lora_rlhf.adapters.files",
+)
 
 
 @pytest.fixture(scope="module")

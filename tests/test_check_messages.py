@@ -12,9 +12,9 @@ import torch
 from mutants import MUTANTS
 from torch import nn
 
+from lora_rlhf.authoring.implementations import load_impl
 from lora_rlhf.checks import CheckFailed, checks_for, run_check
 from lora_rlhf.checks.backward_checks import judge_grads, reference_grads
-from lora_rlhf.impl import load_impl
 
 MUTANT = {m.name: m for m in MUTANTS}
 CHECKS = {c.name: c for c in checks_for()}

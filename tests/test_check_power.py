@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from mutants import MUTANTS, ROOT, VARIANTS
 
+from lora_rlhf.authoring.implementations import load_impl
 from lora_rlhf.checks import checks_for, run_check
-from lora_rlhf.impl import load_impl
 
 ALL_CHECKS = checks_for()
 BY_NAME = {c.name: c for c in ALL_CHECKS}

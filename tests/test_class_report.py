@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_rlhf import cli
+import lora_rlhf.cli.command as cli
 from lora_rlhf.checks import CheckResult, checks_for
 from lora_rlhf.grading.class_report import REPORT_FILE, SCORES_FILE
 from lora_rlhf.grading.classroom import GRADEBOOK, RECORD, write_gradebook

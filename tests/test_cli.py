@@ -6,16 +6,16 @@ import importlib
 
 import pytest
 
-from lora_rlhf import cli
+import lora_rlhf.cli.command as cli
 
 
 @pytest.fixture
 def train_cli_missing(monkeypatch):
-    """`lora_rlhf.train_cli` fails to import, as without one of its dependencies."""
+    """`lora_rlhf.cli.train` fails to import, as without one of its dependencies."""
     real = importlib.import_module
 
     def import_module(name, *args, **kwargs):
-        if name == "lora_rlhf.train_cli":
+        if name == "lora_rlhf.cli.train":
             raise ModuleNotFoundError("No module named 'wandb_not_here'")
         return real(name, *args, **kwargs)
 
@@ -31,7 +31,7 @@ def test_a_subcommand_that_cannot_be_imported_names_the_missing_piece(
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert "lora-rlhf train" in err and "lora_rlhf.train_cli" in err and "wandb_not_here" in err
+    assert "lora-rlhf train" in err and "lora_rlhf.cli.train" in err and "wandb_not_here" in err
 
 
 def test_the_other_subcommands_stay_available_when_one_module_is_missing(train_cli_missing):

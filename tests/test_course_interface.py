@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_rlhf import lora
-from lora_rlhf.cli import main
-from lora_rlhf.impl import repo_root
+import lora_rlhf.lessons.section2_lora as lora
+from lora_rlhf.authoring.implementations import repo_root
+from lora_rlhf.cli.command import main
+from lora_rlhf.cli.outputs import read_metrics
 from lora_rlhf.models import load_model
-from lora_rlhf.train_outputs import read_metrics
 
 COURSE_SUBMISSION = Path(__file__).parent / "grading_fixtures" / "course_submission.py"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_rlhf.adapters import AdapterFileError, load_adapter, load_lora_model, save_adapter
-from lora_rlhf.cli import main
-from lora_rlhf.lora import TransformerWithValueHeadLora
+from lora_rlhf.adapters.files import AdapterFileError, load_adapter, load_lora_model, save_adapter
+from lora_rlhf.cli.command import main
+from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 
 TINY = [
     "--model", "tiny-llama", "--batch-size", "4", "--minibatches", "2", "--gen-len", "4",
@@ -140,7 +140,7 @@ class Killed(BaseException):
 def killed_run(tmp_path_factory) -> Path:
     """What a run of 4 phases killed in its fourth phase leaves: checkpoints 2 and 3 and the
     metrics of phases 0-2, no save at the end."""
-    from lora_rlhf.trainer import RLHFTrainer
+    from lora_rlhf.rlhf.trainer import RLHFTrainer
 
     learning_phase = RLHFTrainer.learning_phase
 
@@ -174,7 +174,7 @@ CHECKPOINT_DAMAGES = {
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     case, killed_run, whole_run, tmp_path, capsys
 ):
-    from lora_rlhf.train_outputs import read_metrics
+    from lora_rlhf.cli.outputs import read_metrics
 
     file, damage = CHECKPOINT_DAMAGES[case]
     folder = Path(shutil.copytree(killed_run, tmp_path / "run"))

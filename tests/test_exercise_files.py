@@ -7,8 +7,8 @@ import ast
 import jupytext
 import pytest
 
-from lora_rlhf.authoring import MarkerError, render, sources, sync
-from lora_rlhf.impl import load_impl, repo_root
+from lora_rlhf.authoring.implementations import load_impl, repo_root
+from lora_rlhf.authoring.sync import MarkerError, render, sources, sync
 
 ROOT = repo_root()
 SECTION2 = "section2_lora.py"
@@ -20,7 +20,7 @@ def test_generated_files_are_up_to_date():
 
 
 def test_sync_check_command_reports_stale_file(tmp_path, capsys):
-    from lora_rlhf.cli import main
+    from lora_rlhf.cli.command import main
 
     (tmp_path / "solutions").mkdir()
     (tmp_path / "exercises").mkdir()
@@ -83,7 +83,7 @@ def test_unbalanced_markers_are_reported():
 def test_every_source_is_a_library_module():
     for src in sources():
         if src.path.exists():
-            assert src.path.parent.name == "lora_rlhf"
+            assert src.path.parent.name == "lessons"
 
 
 def test_stub_module_imports_and_names_the_classes():
@@ -107,7 +107,7 @@ def repo_exercise_files() -> dict[str, str]:
 
 
 def test_exercises_command_writes_the_scripts_and_notebooks(tmp_path, capsys):
-    from lora_rlhf.cli import main
+    from lora_rlhf.cli.command import main
 
     out = tmp_path / "my" / "exercises"
     assert main(["exercises", str(out)]) == 0
@@ -120,7 +120,7 @@ def test_exercises_command_writes_the_scripts_and_notebooks(tmp_path, capsys):
 
 
 def test_exercises_command_refuses_to_overwrite_and_writes_nothing(tmp_path, capsys):
-    from lora_rlhf.cli import main
+    from lora_rlhf.cli.command import main
 
     (tmp_path / "section2_lora.py").write_text("# my work\n")
     assert main(["exercises", str(tmp_path)]) == 1
@@ -132,7 +132,7 @@ def test_exercises_command_refuses_to_overwrite_and_writes_nothing(tmp_path, cap
 
 
 def test_exercises_command_refuses_a_file_as_folder(tmp_path, capsys):
-    from lora_rlhf.cli import main
+    from lora_rlhf.cli.command import main
 
     (tmp_path / "f").write_text("x")
     assert main(["exercises", str(tmp_path / "f")]) == 2
@@ -169,7 +169,7 @@ def test_exercises_command_works_from_a_wheel_without_a_clone(tmp_path):
 
     out = tmp_path / "out"
     code = (
-        "import sys, lora_rlhf; from lora_rlhf.cli import main; "
+        "import sys, lora_rlhf; from lora_rlhf.cli.command import main; "
         f"assert lora_rlhf.__file__.startswith({str(site)!r}), lora_rlhf.__file__; "
         f"sys.exit(main(['exercises', {str(out)!r}]))"
     )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from lora_rlhf.authoring.implementations import load_impl
 from lora_rlhf.checks import checks_for, run_check
-from lora_rlhf.impl import load_impl
 
 
 @pytest.fixture(scope="session")

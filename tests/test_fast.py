@@ -1,4 +1,4 @@
-"""The library's fast path (`lora_rlhf.fast`) computes what the teaching classes compute.
+"""The library's fast path (`lora_rlhf.fast.lora`) computes what the teaching classes compute.
 
 Every comparison runs one model twice, through its own six hooks per layer (the lesson) and
 through `fast_lora`, with non-zero B everywhere: logits, values and the gradient of every adaptor
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_rlhf.adapters import AdaptorContractError, disable_lora
-from lora_rlhf.fast import fast_lora, install_fast_lora
-from lora_rlhf.impl import load_impl
-from lora_rlhf.lora import TransformerWithValueHeadLora
-from lora_rlhf.mlp_lora import TransformerWithValueHeadMlpLora
+from lora_rlhf.adapters.files import AdaptorContractError, disable_lora
+from lora_rlhf.authoring.implementations import load_impl
+from lora_rlhf.fast.lora import fast_lora, install_fast_lora
+from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
+from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 
 ALPHA, RANK = 8.0, 4  # α/r = 2
 COURSE_SUBMISSION = Path(__file__).parent / "grading_fixtures" / "course_submission.py"
@@ -91,7 +91,7 @@ def test_a_model_written_the_way_the_course_writes_it_runs_fast_too():
     lora_fwd_hooks, fwd_hooks): a submission in the course's own style runs the same function."""
     impl = load_impl(str(COURSE_SUBMISSION))
     model = lora_model(model_class=impl.TransformerWithValueHeadLora, dtype=torch.float64)
-    assert type(model.lora[0].lora_q).__module__ != "lora_rlhf.lora"
+    assert type(model.lora[0].lora_q).__module__ != "lora_rlhf.lessons.section2_lora"
     lesson, fast = lesson_and_fast(model, tokens(model))
     assert_same(fast, lesson, lambda n: 1e-12 * (1 + lesson[n].abs().max().item()))
 

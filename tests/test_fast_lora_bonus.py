@@ -201,9 +201,9 @@ def test_product_counter_counts_each_matrix_of_a_batched_product():
 
 
 def test_fast_hooks_take_fewer_products_than_the_teaching_hooks(capsys):
-    from lora_rlhf import fast_lora_bonus
+    import lora_rlhf.lessons.bonus_fast_lora as fast_lora_bonus
     from lora_rlhf.checks.fast_bonus_checks import compare_products
-    from lora_rlhf.lora import LoraHooks
+    from lora_rlhf.lessons.section2_lora import LoraHooks
 
     per_layer = compare_products("tiny-llama", LoraHooks, fast_lora_bonus.FastLoraHooks)
     assert per_layer["fast"] == 6 < per_layer["slow"]

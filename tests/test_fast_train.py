@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_rlhf import train_cli
-from lora_rlhf.cli import main
-from lora_rlhf.impl import repo_root
+import lora_rlhf.cli.train as train_cli
+from lora_rlhf.authoring.implementations import repo_root
+from lora_rlhf.cli.command import main
 
 TINY = [
     "--model", "tiny-llama", "--batch-size", "4", "--minibatches", "2", "--gen-len", "4",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from backward_mutants import COURSE_SUBMISSION, MUTANTS
 
-from lora_rlhf import cli
+import lora_rlhf.cli.command as cli
 from lora_rlhf.checks import checks_for
 from lora_rlhf.grading import grade
 from lora_rlhf.grading.classroom import GRADEBOOK, grade_class

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from backward_mutants import COURSE_SUBMISSION
 
-from lora_rlhf import cli
+import lora_rlhf.cli.command as cli
 from lora_rlhf.grading.gradescope import unpack
 
 VISIBILITY = {"hidden", "after_due_date", "after_published", "visible"}

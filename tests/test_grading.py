@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mutants import MUTANTS, ROOT, SOLUTION, VARIANTS
 
-from lora_rlhf import cli
+import lora_rlhf.cli.command as cli
 from lora_rlhf.checks import EXERCISES, checks_for
 from lora_rlhf.grading import static
 from lora_rlhf.grading.rubric import exercise_points, markdown_table
@@ -414,20 +414,26 @@ def test_the_static_scan_flags_tampering_on_its_line(source, tmp_path):
 
 REUSE = {
     "reexport": ("from lora_rlhf import Lora\n", {"Lora"}),
-    "alias": ("import lora_rlhf.lora\nLoraHooks = lora_rlhf.lora.LoraHooks\n", {"LoraHooks"}),
-    "subclass": ("import lora_rlhf.lora\nclass Lora(lora_rlhf.lora.Lora):\n    pass\n", {"Lora"}),
+    "alias": (
+        "import lora_rlhf.lessons.section2_lora\nLoraHooks = lora_rlhf.lessons.section2_lora.LoraHooks\n",
+        {"LoraHooks"},
+    ),
+    "subclass": (
+        "import lora_rlhf.lessons.section2_lora\nclass Lora(lora_rlhf.lessons.section2_lora.Lora):\n    pass\n",
+        {"Lora"},
+    ),
     "uses_reference_inside": (
-        "from torch import nn\nfrom lora_rlhf.lora import Lora as Ref\n"
+        "from torch import nn\nfrom lora_rlhf.lessons.section2_lora import Lora as Ref\n"
         "class Lora(nn.Module):\n    def forward(self, x):\n        return Ref.forward(self, x)\n",
         {"Lora"},
     ),
     "hooks_use_reference_lora": (
-        "from torch import nn\nfrom lora_rlhf.lora import Lora\n"
+        "from torch import nn\nfrom lora_rlhf.lessons.section2_lora import Lora\n"
         "class LoraHooks(nn.Module):\n    def __init__(self):\n        self.lora_q = Lora()\n",
         {"Lora", "LoraHooks"},
     ),
     "star_import_then_own_classes": (
-        "from torch import nn\nfrom lora_rlhf.lora import *  # noqa\nclass Lora(nn.Module):\n    pass\n"
+        "from torch import nn\nfrom lora_rlhf.lessons.section2_lora import *  # noqa\nclass Lora(nn.Module):\n    pass\n"
         "class LoraHooks(nn.Module):\n    pass\n",
         {"TransformerWithValueHeadLora", "RLHFTrainerLora"},
     ),
@@ -507,7 +513,7 @@ def test_every_check_has_a_measured_reference_time_and_a_limit_from_it():
 
 
 def test_the_install_cell_of_the_generated_files_is_not_tampering_but_using_it_is(tmp_path):
-    from lora_rlhf.authoring import INSTALL_CELL
+    from lora_rlhf.authoring.sync import INSTALL_CELL
 
     path = tmp_path / "submission.py"
     path.write_text("import math\n" + INSTALL_CELL)
@@ -533,8 +539,8 @@ def test_a_notebook_is_graded_as_its_script(tmp_path):
 
 
 def test_a_folder_gives_its_section2_file_or_its_only_python_file(tmp_path):
+    from lora_rlhf.authoring.implementations import ImplementationError
     from lora_rlhf.grading.submissions import students, submission_file
-    from lora_rlhf.impl import ImplementationError
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "lab.py").write_text("")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mutants import ROOT
 
-from lora_rlhf import cli
+import lora_rlhf.cli.command as cli
 from lora_rlhf.grading import grade
 from lora_rlhf.grading.reports import scorecard
 from lora_rlhf.grading.submissions import submission_file, twin_files

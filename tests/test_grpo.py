@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from lora_rlhf.authoring import render
+from lora_rlhf.authoring.sync import render
 from lora_rlhf.checks import checks_for, run_check
 from lora_rlhf.checks.grpo_checks import GRPO_CHECKS, grpo_checks_for, load_grpo_impl
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "src" / "lora_rlhf" / "grpo.py"
+SOURCE = ROOT / "src" / "lora_rlhf" / "lessons" / "section3_grpo.py"
 SOLUTION = ROOT / "solutions" / "section3_grpo.py"
 CHECKS = grpo_checks_for()
 
@@ -305,7 +305,7 @@ def test_generated_files_are_up_to_date():
     text = SOURCE.read_text()
     for kind in ("solutions", "exercises"):
         assert (ROOT / kind / "section3_grpo.py").read_text() == render(
-            text, kind, source="src/lora_rlhf/grpo.py"
+            text, kind, source="src/lora_rlhf/lessons/section3_grpo.py"
         ), "run `lora-rlhf sync`"
         assert (ROOT / kind / "section3_grpo.ipynb").is_file(), "run `lora-rlhf sync`"
 

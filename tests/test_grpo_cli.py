@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_rlhf import train_cli
-from lora_rlhf.cli import main
-from lora_rlhf.grpo import GRPOTrainerLora
+import lora_rlhf.cli.train as train_cli
+from lora_rlhf.cli.command import main
+from lora_rlhf.lessons.section3_grpo import GRPOTrainerLora
 
 TINY = [
     "--algo", "grpo", "--model", "tiny-llama", "--batch-size", "8", "--minibatches", "2",

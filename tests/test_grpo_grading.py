@@ -101,7 +101,10 @@ def test_one_exercise_written_is_graded_in_full(tmp_path):
 @pytest.mark.parametrize(
     "line, says",
     [
-        ("from lora_rlhf.grpo import group_advantages  # noqa", "imports the library's GRPO"),
+        (
+            "from lora_rlhf.lessons.section3_grpo import group_advantages  # noqa",
+            "imports the library's GRPO",
+        ),
         ("import lora_rlhf.checks.core as core", "tampering"),
     ],
 )

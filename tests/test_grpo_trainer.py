@@ -1,4 +1,4 @@
-"""GRPO training as the library runs it (lora_rlhf.grpo_trainer): arguments, what a phase keeps
+"""GRPO training as the library runs it (lora_rlhf.cli.grpo_trainer): arguments, what a phase keeps
 and reports, the KL against the adaptors-off model, and the KL controller."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import importlib.util
 import pytest
 import torch
 
-from lora_rlhf.args import ArgsError
 from lora_rlhf.checks.reference import adaptor_values, assign_layer, base_model, merged_model
-from lora_rlhf.grpo import GroupMemory, GRPOArgsLora
-from lora_rlhf.grpo_trainer import GRPOTrainer, grpo_args
-from lora_rlhf.lora import RLHFArgsLora
+from lora_rlhf.cli.grpo_trainer import GRPOTrainer, grpo_args
+from lora_rlhf.lessons.section2_lora import RLHFArgsLora
+from lora_rlhf.lessons.section3_grpo import GroupMemory, GRPOArgsLora
+from lora_rlhf.rlhf.args import ArgsError
 
 TINY = dict(
     base_model="tiny-pythia",
@@ -105,7 +105,7 @@ def test_kl_to_reference_is_the_full_vocabulary_kl_of_the_adapted_model_to_the_b
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("lora_rlhf.kl_control") is None, reason="no KL controller yet"
+    importlib.util.find_spec("lora_rlhf.rlhf.kl_control") is None, reason="no KL controller yet"
 )
 def test_an_adaptive_kl_coefficient_steers_beta_as_in_ppo():
     torch.manual_seed(0)

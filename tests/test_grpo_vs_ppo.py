@@ -14,12 +14,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import lora_rlhf.cli.train as train_cli  # noqa: E402
 from benchmarks import grpo_vs_ppo  # noqa: E402
-from lora_rlhf import train_cli  # noqa: E402
-from lora_rlhf.cli import build_parser, main  # noqa: E402
-from lora_rlhf.grpo_trainer import GRPOTrainer  # noqa: E402
-from lora_rlhf.lora import RLHFTrainerLora  # noqa: E402
-from lora_rlhf.train_outputs import read_metrics  # noqa: E402
+from lora_rlhf.cli.command import build_parser, main  # noqa: E402
+from lora_rlhf.cli.grpo_trainer import GRPOTrainer  # noqa: E402
+from lora_rlhf.cli.outputs import read_metrics  # noqa: E402
+from lora_rlhf.lessons.section2_lora import RLHFTrainerLora  # noqa: E402
 
 TINY = [
     "--model", "tiny-llama", "--phases", "1", "--warmup", "0", "--batch-size", "8",
@@ -43,7 +43,7 @@ def without_timings(metrics: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("algo", sorted(EXPECTED))
 def test_the_benchmark_runs_the_command_with_the_commands_trainer(algo, tmp_path):
     argv = grpo_vs_ppo.command(algo, 3, tmp_path / "run", 1, TINY)
-    assert argv[:3] == [sys.executable, "-m", "lora_rlhf.train_cli"]
+    assert argv[:3] == [sys.executable, "-m", "lora_rlhf.cli.train"]
     args = build_parser().parse_args(["train", *argv[3:]])
     plan = train_cli.prepare(args)
     trainer_class = plan.trainer_class

@@ -1,11 +1,11 @@
-"""The reward-hacking meter (`lora_rlhf.hacking`) on hand-made samples: the fragments the policy
+"""The reward-hacking meter (`lora_rlhf.rlhf.hacking`) on hand-made samples: the fragments the policy
 found on the char-count task are hacks; sentences with abbreviations, decimals and numbers are not."""
 
 from __future__ import annotations
 
 import pytest
 
-from lora_rlhf.hacking import count_hacks, hack_rule, is_sentiment_hack, is_stop_hack
+from lora_rlhf.rlhf.hacking import count_hacks, hack_rule, is_sentiment_hack, is_stop_hack
 
 STOP_HACKS = [
     "This is no.1.1.5.",  # a word and numbers in one dotted run

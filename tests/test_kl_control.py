@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_rlhf.args import ArgsError, RLHFArgs
-from lora_rlhf.kl_control import AdaptiveKLController, KLController, make_kl_controller
+from lora_rlhf.rlhf.args import ArgsError, RLHFArgs
+from lora_rlhf.rlhf.kl_control import AdaptiveKLController, KLController, make_kl_controller
 
 
 def test_fixed_coefficient_never_moves():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lora_rlhf import lora
+import lora_rlhf.lessons.section2_lora as lora
 from lora_rlhf.checks.trainer_checks import SMOKE, smoke_trainer
 from lora_rlhf.models import load_model
 

@@ -1,4 +1,4 @@
-"""lora_rlhf.memory: giving freed heap back to the kernel (glibc), and the trainers' use of it."""
+"""lora_rlhf.fast.memory: giving freed heap back to the kernel (glibc), and the trainers' use of it."""
 
 import json
 import platform
@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from lora_rlhf import memory
-from lora_rlhf.trainer import RLHFTrainer
+import lora_rlhf.fast.memory as memory
+from lora_rlhf.rlhf.trainer import RLHFTrainer
 
 glibc = memory._glibc()
 needs_glibc = pytest.mark.skipif(glibc is None, reason="not glibc: the functions do nothing")
@@ -25,7 +25,7 @@ def test_release_freed_memory_reports_that_it_ran():
 # there so far (8 MiB: above lean_heap's 128 KiB, below the 32 MiB threshold outside it).
 _PROBE = """
 import ctypes, json, torch
-from lora_rlhf import memory
+import lora_rlhf.fast.memory as memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -92,8 +92,10 @@ def test_learning_phase_runs_under_lean_heap_and_releases_memory_between_steps(m
         events.append("exit")
 
     trainer = RLHFTrainer(tiny_args(total_phases=1), show_progress=False)
-    monkeypatch.setattr("lora_rlhf.trainer.lean_heap", recording_lean_heap)
-    monkeypatch.setattr("lora_rlhf.trainer.release_freed_memory", lambda: events.append("release"))
+    monkeypatch.setattr("lora_rlhf.rlhf.trainer.lean_heap", recording_lean_heap)
+    monkeypatch.setattr(
+        "lora_rlhf.rlhf.trainer.release_freed_memory", lambda: events.append("release")
+    )
     original_step = trainer.optimizer.step
     monkeypatch.setattr(
         trainer.optimizer, "step", lambda *a, **k: (events.append("step"), original_step(*a, **k))

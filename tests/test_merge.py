@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.adapters import adaptor_values
-from lora_rlhf.lora import TransformerWithValueHeadLora
-from lora_rlhf.merge import merge_lora
-from lora_rlhf.mlp_lora import TransformerWithValueHeadMlpLora
+from lora_rlhf.adapters.files import adaptor_values
+from lora_rlhf.adapters.merge import merge_lora
+from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
+from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 
 ALPHA, RANK = 8, 4  # α/r = 2
 
@@ -149,9 +149,9 @@ def test_merged_smollm2_equals_hooked_in_float64():
 @pytest.mark.parametrize("name", MODELS)
 def test_the_library_merge_equals_the_checks_reference_merge(name):
     """The library's merge is its own code; the checks' reference merge is the oracle."""
+    from lora_rlhf.adapters.merge import merge_adaptors_into
     from lora_rlhf.checks.reference import adaptor_values as seeded_values
     from lora_rlhf.checks.reference import merge_into
-    from lora_rlhf.merge import merge_adaptors_into
     from lora_rlhf.models import load_model
 
     ours, reference = load_model(name, device="cpu"), load_model(name, device="cpu")
@@ -170,9 +170,9 @@ def test_the_library_merge_does_not_import_the_checks():
     import ast
     from pathlib import Path
 
-    import lora_rlhf.merge
+    import lora_rlhf.adapters.merge
 
-    tree = ast.parse(Path(lora_rlhf.merge.__file__).read_text())
+    tree = ast.parse(Path(lora_rlhf.adapters.merge.__file__).read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
     }
@@ -181,8 +181,8 @@ def test_the_library_merge_does_not_import_the_checks():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_the_library_mlp_merge_equals_the_checks_reference_mlp_merge(name):
+    from lora_rlhf.adapters.merge import merge_adaptors_into
     from lora_rlhf.checks import reference
-    from lora_rlhf.merge import merge_adaptors_into
     from lora_rlhf.models import load_model
 
     ours, theirs = load_model(name, device="cpu"), load_model(name, device="cpu")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_merge import make_lora_model, tokens
 
-from lora_rlhf.authoring import render
+from lora_rlhf.authoring.sync import render
 from lora_rlhf.checks import checks_for, run_check
 from lora_rlhf.checks.mlp_checks import bonus_checks_for, load_bonus_impl
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "src" / "lora_rlhf" / "mlp_lora.py"
+SOURCE = ROOT / "src" / "lora_rlhf" / "lessons" / "bonus_mlp_lora.py"
 SOLUTION = ROOT / "solutions" / "bonus_mlp_lora.py"
 BONUS = bonus_checks_for()
 BY_NAME = {c.name: c for c in BONUS}
@@ -87,7 +87,7 @@ def test_generated_bonus_files_are_up_to_date():
     text = SOURCE.read_text()
     for kind in ("solutions", "exercises"):
         assert (ROOT / kind / "bonus_mlp_lora.py").read_text() == render(
-            text, kind, source="src/lora_rlhf/mlp_lora.py"
+            text, kind, source="src/lora_rlhf/lessons/bonus_mlp_lora.py"
         ), "run `lora-rlhf sync`"
 
 

@@ -12,9 +12,9 @@ import pytest
 from mutants import MUTANTS
 
 from lora_rlhf import tests_lora
+from lora_rlhf.authoring.implementations import load_impl
 from lora_rlhf.checks.core import run_check
 from lora_rlhf.grading.rubric import rubric
-from lora_rlhf.impl import load_impl
 
 
 def _model_cells(impl) -> list:

@@ -21,7 +21,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lora_rlhf.authoring import (
+from lora_rlhf.authoring.implementations import repo_root
+from lora_rlhf.authoring.sync import (
     BEGIN,
     KINDS,
     MarkerError,
@@ -31,7 +32,6 @@ from lora_rlhf.authoring import (
     sources,
     sync,
 )
-from lora_rlhf.impl import repo_root
 
 nbclient = pytest.importorskip("nbclient", reason="dev dependency: pip install -e '.[dev]'")
 pytest.importorskip("ipykernel", reason="dev dependency: pip install -e '.[dev]'")
@@ -240,7 +240,7 @@ def test_sync_check_passes_on_a_notebook_saved_with_other_formatting(tmp_path):
     ["output", "edited_cell", "missing"],
 )
 def test_sync_check_fails_on_a_stale_notebook(change, tmp_path, capsys):
-    from lora_rlhf.cli import main
+    from lora_rlhf.cli.command import main
 
     root = copy_generated(tmp_path)
     path = root / notebook_path("exercises", SOURCES[0]).relative_to(ROOT)

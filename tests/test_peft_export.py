@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from test_merge import ALPHA, RANK, SMOLLM2_ATOL, make_lora_model, tokens
 
-from lora_rlhf.peft_export import (
+from lora_rlhf.adapters.peft_export import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     LlamaNormWeights,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_rlhf.args import RLHFArgs
-from lora_rlhf.ppo import (
+from lora_rlhf.rlhf.args import RLHFArgs
+from lora_rlhf.rlhf.ppo import (
     ReplayMemory,
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -19,8 +19,8 @@ from lora_rlhf.ppo import (
     get_optimizer_and_scheduler,
     get_samples,
 )
-from lora_rlhf.rewards import REWARDS, normalize_reward, reward_fn_char_count
-from lora_rlhf.value_head import HookedTransformerWithValueHead
+from lora_rlhf.rlhf.rewards import REWARDS, normalize_reward, reward_fn_char_count
+from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
 
 BATCH, PREFIX_LEN, GEN_LEN, D_VOCAB = 3, 3, 4, 7
 SEQ = PREFIX_LEN + GEN_LEN

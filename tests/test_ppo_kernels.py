@@ -1,11 +1,12 @@
-"""The engine's memory-lean log-probs, KL penalty and entropy bonus (lora_rlhf.ppo_kernels): the
+"""The engine's memory-lean log-probs, KL penalty and entropy bonus (lora_rlhf.fast.ppo_kernels): the
 values and gradients of the plain formulas, without their vocabulary-sized temporaries."""
 
 import pytest
 import torch
 
-from lora_rlhf import ppo, ppo_kernels
-from lora_rlhf.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
+import lora_rlhf.fast.ppo_kernels as ppo_kernels
+import lora_rlhf.rlhf.ppo as ppo
+from lora_rlhf.fast.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
 
 BATCH, PREFIX_LEN, GEN_LEN, D_VOCAB = 3, 3, 4, 7
 SEQ = PREFIX_LEN + GEN_LEN
@@ -165,7 +166,7 @@ def test_log_probs_kl_and_entropy_never_build_a_tensor_of_the_batchs_logits_size
 
 
 def test_each_kernel_equals_the_section_1_function_it_stands_in_for():
-    """The trainers call these instead of lora_rlhf.ppo's plain functions: same arguments, the same
+    """The trainers call these instead of lora_rlhf.rlhf.ppo's plain functions: same arguments, the same
     values and gradients (float32, full-sequence and already-cut logits alike)."""
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(BATCH, SEQ, D_VOCAB, generator=g) * 4

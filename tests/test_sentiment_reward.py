@@ -13,9 +13,9 @@ import socket
 import pytest
 import torch
 
-from lora_rlhf import rewards
-from lora_rlhf.cli import main
-from lora_rlhf.rewards import REWARD_DESCRIPTIONS, REWARDS, reward_fn_sentiment
+import lora_rlhf.rlhf.rewards as rewards
+from lora_rlhf.cli.command import main
+from lora_rlhf.rlhf.rewards import REWARD_DESCRIPTIONS, REWARDS, reward_fn_sentiment
 
 pytest.importorskip("vaderSentiment")
 

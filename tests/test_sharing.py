@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformer_lens.components import RMSNorm
 
-from lora_rlhf.args import RLHFArgs
-from lora_rlhf.merge import merge_lora
+from lora_rlhf.adapters.merge import merge_lora
+from lora_rlhf.adapters.peft_export import hf_llama_from_hooked
 from lora_rlhf.models import load_model
 from lora_rlhf.models.sharing import (
     distinct_tensors,
@@ -19,8 +19,8 @@ from lora_rlhf.models.sharing import (
     unembed_is_tied,
     untie_unembed,
 )
-from lora_rlhf.peft_export import hf_llama_from_hooked
-from lora_rlhf.trainer import RLHFTrainer
+from lora_rlhf.rlhf.args import RLHFArgs
+from lora_rlhf.rlhf.trainer import RLHFTrainer
 
 
 def folded_tiny_llama(seed: int = 0):
@@ -129,7 +129,7 @@ def test_the_embedded_model_is_loaded_tied_like_the_original(smollm2, smollm2_re
 def test_merging_a_tied_model_keeps_it_tied():
     model, w = folded_tiny_llama()
     tie_unembed(model, w)
-    from lora_rlhf.lora import TransformerWithValueHeadLora
+    from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 
     lora_model = TransformerWithValueHeadLora.from_pretrained(
         "tiny-llama", device="cpu", dtype=torch.float64

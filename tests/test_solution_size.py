@@ -10,7 +10,7 @@ import ast
 import io
 import tokenize
 
-from lora_rlhf.impl import repo_root
+from lora_rlhf.authoring.implementations import repo_root
 
 CLASSES = ("Lora", "LoraHooks", "TransformerWithValueHeadLora", "RLHFArgsLora", "RLHFTrainerLora")
 # 150 until the course's given code (the trainer's own __init__, the model's parameter methods,

@@ -19,9 +19,10 @@ import stopped_run  # tests/stopped_run.py
 import torch
 from safetensors.torch import load_file
 
-from lora_rlhf import checkpoint, train_cli
-from lora_rlhf.checkpoint import list_checkpoints
-from lora_rlhf.cli import main
+import lora_rlhf.cli.checkpoint as checkpoint
+import lora_rlhf.cli.train as train_cli
+from lora_rlhf.cli.checkpoint import list_checkpoints
+from lora_rlhf.cli.command import main
 
 TINY = [
     "--model", "tiny-llama", "--batch-size", "4", "--minibatches", "2", "--gen-len", "4",
@@ -183,7 +184,7 @@ def test_sigterm_saves_everything_then_a_kill_and_two_resumes_end_as_one_run(tmp
 
 
 def test_sighup_stops_within_the_phase_and_saves_like_ctrl_c(whole_ppo, tmp_path, monkeypatch):
-    from lora_rlhf.trainer import RLHFTrainer
+    from lora_rlhf.rlhf.trainer import RLHFTrainer
 
     learning_phase = RLHFTrainer.learning_phase
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from mutants import MUTANTS
 
-from lora_rlhf import lora, tests_lora
-from lora_rlhf.impl import load_impl, repo_root
+import lora_rlhf.lessons.section2_lora as lora
+from lora_rlhf import tests_lora
+from lora_rlhf.authoring.implementations import load_impl, repo_root
 
 
 def test_all_six_check_cells_pass_on_the_library(capsys):

@@ -1,7 +1,7 @@
 """`lora-rlhf train`: outputs, determinism, resume, Ctrl-C, and bad input caught before loading.
 
 Every run uses the tiny random model (`tiny-llama`) with a tiny batch, in-process through
-`lora_rlhf.cli.main`, so each takes about a second on a laptop CPU.
+`lora_rlhf.cli.command.main`, so each takes about a second on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_rlhf import train_cli
-from lora_rlhf.cli import main
-from lora_rlhf.impl import repo_root
+import lora_rlhf.cli.train as train_cli
+from lora_rlhf.authoring.implementations import repo_root
+from lora_rlhf.cli.command import main
 
 TINY = [
     "--model", "tiny-llama", "--batch-size", "4", "--minibatches", "2", "--gen-len", "4",
@@ -110,7 +110,7 @@ def test_adapter_config_describes_the_run(finished_run):
 
 
 def test_the_adapter_reloads_to_the_trained_weights(tmp_path, capture_trainer):
-    from lora_rlhf.adapters import adapter_state_dict, load_lora_model
+    from lora_rlhf.adapters.files import adapter_state_dict, load_lora_model
 
     assert train(tmp_path / "run") == 0
     trained = adapter_state_dict(capture_trainer[0].model)
@@ -187,7 +187,7 @@ def test_ctrl_c_within_a_phase_drops_that_phase_and_resume_continues_exactly(
     whole_run, tmp_path, monkeypatch
 ):
     """Phase 2's learning steps are taken, then Ctrl-C: the save holds phases 0-1 exactly."""
-    from lora_rlhf.trainer import RLHFTrainer
+    from lora_rlhf.rlhf.trainer import RLHFTrainer
 
     learning_phase = RLHFTrainer.learning_phase
 
@@ -252,9 +252,9 @@ def no_model_loading(monkeypatch):
 
     import lora_rlhf.models
     import lora_rlhf.models.registry
-    import lora_rlhf.value_head
+    import lora_rlhf.rlhf.value_head
 
-    for module in (lora_rlhf.models, lora_rlhf.models.registry, lora_rlhf.value_head):
+    for module in (lora_rlhf.models, lora_rlhf.models.registry, lora_rlhf.rlhf.value_head):
         monkeypatch.setattr(module, "load_model", load_model)
 
 
@@ -319,7 +319,7 @@ def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, no_model_
 def test_plot_reward_curves_compares_runs(finished_run, tmp_path):
     import matplotlib.image
 
-    from lora_rlhf.plots import plot_reward_curves
+    from lora_rlhf.cli.plots import plot_reward_curves
 
     history = train_cli.read_metrics(finished_run)
     path = plot_reward_curves({"seed 1": history, "seed 2": history[:2]}, tmp_path / "seeds.png")

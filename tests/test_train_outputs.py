@@ -1,7 +1,7 @@
 """`lora-rlhf train` with each reward, with the adaptive and the fixed KL coefficient, and the
 run outputs that report the KL (console summary, metrics.jsonl's summary line, samples, plot).
 
-Tiny random model (`tiny-llama`), a few phases each, in-process through `lora_rlhf.cli.main`.
+Tiny random model (`tiny-llama`), a few phases each, in-process through `lora_rlhf.cli.command.main`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_rlhf.cli import main
-from lora_rlhf.rewards import REWARDS
-from lora_rlhf.train_outputs import read_metrics, read_summary
+from lora_rlhf.cli.command import main
+from lora_rlhf.cli.outputs import read_metrics, read_summary
+from lora_rlhf.rlhf.rewards import REWARDS
 
 TINY = [
     "--model", "tiny-llama", "--batch-size", "4", "--minibatches", "2", "--gen-len", "4",
@@ -156,7 +156,7 @@ def test_resume_keeps_the_adaptive_coefficient(finished, tmp_path):
 
 
 def test_the_summary_reports_the_fresh_samples_mean_reward_and_reward_hacks(tmp_path, capsys):
-    from lora_rlhf.hacking import count_hacks
+    from lora_rlhf.rlhf.hacking import count_hacks
 
     out = tmp_path / "run"
     assert train(out, phases=2) == 0  # char_count '.': the stop rule applies

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from lora_rlhf import trainer as trainer_module
-from lora_rlhf.args import RLHFArgs
-from lora_rlhf.ppo import (
+import lora_rlhf.rlhf.trainer as trainer_module
+from lora_rlhf.rlhf.args import RLHFArgs
+from lora_rlhf.rlhf.ppo import (
     ReplayMemory,
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -22,8 +22,8 @@ from lora_rlhf.ppo import (
     get_logprobs,
     get_samples,
 )
-from lora_rlhf.rewards import reward_fn_char_count, reward_fn_no_char
-from lora_rlhf.trainer import RLHFTrainer
+from lora_rlhf.rlhf.rewards import reward_fn_char_count, reward_fn_no_char
+from lora_rlhf.rlhf.trainer import RLHFTrainer
 
 TINY_MODELS = ["tiny-llama", "tiny-pythia"]
 METRIC_KEYS = {

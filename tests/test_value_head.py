@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lora_rlhf.models import load_model
-from lora_rlhf.value_head import VALUE_HEAD_HOOK_NAME, HookedTransformerWithValueHead
+from lora_rlhf.rlhf.value_head import VALUE_HEAD_HOOK_NAME, HookedTransformerWithValueHead
 
 TINY_MODELS = ["tiny-llama", "tiny-pythia"]
 
@@ -100,7 +100,7 @@ def test_attached_hooks_call_like_transformer_lens_hooks_and_leave_none(model, t
     """attached_hooks (the engine's lean registration) against TransformerLens' own
     `model.hooks`: same activations replaced, in the same order, same hook point passed; nothing
     left registered, also after an exception; unknown names are named."""
-    from lora_rlhf.lean_hooks import attached_hooks
+    from lora_rlhf.fast.hooks import attached_hooks
 
     def run(context):
         calls = []
@@ -150,7 +150,7 @@ def test_use_attached_hooks_changes_no_value_and_leaves_no_hook(model, tokens):
     """The engine's opt-in (use_attached_hooks, which the fast path installs): forward_with_value_head
     gives exactly the logits and values of TransformerLens' own hooks context, registers nothing
     that outlives the call, and the undo gives the model its own `hooks` back."""
-    from lora_rlhf.lean_hooks import use_attached_hooks
+    from lora_rlhf.fast.hooks import use_attached_hooks
 
     with torch.no_grad():
         want = model.forward_with_value_head(tokens)

@@ -13,7 +13,7 @@ from test_merge import make_lora_model, tokens
 from test_models import assert_forward_copies_no_weights
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.merge import merge_lora
+from lora_rlhf.adapters.merge import merge_lora
 from lora_rlhf.models import load_model
 from lora_rlhf.models import smollm2 as smollm2_module
 

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 
 import einops
 import torch as t
-from torch import Tensor, nn
-from transformer_lens import HookedTransformerConfig
-from transformer_lens.hook_points import HookPoint
-
 from lora_rlhf.args import RLHFArgs
 from lora_rlhf.ppo import get_optimizer_and_scheduler
 from lora_rlhf.trainer import RLHFTrainer
 from lora_rlhf.value_head import HookedTransformerWithValueHead
+from torch import Tensor, nn
+from transformer_lens import HookedTransformerConfig
+from transformer_lens.hook_points import HookPoint
 
 device = t.device("cuda" if t.cuda.is_available() else "cpu")
 

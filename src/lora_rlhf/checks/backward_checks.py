@@ -101,7 +101,7 @@ def _grads(lora_layers) -> dict[str, Tensor | None]:
 # Probes
 def _probe_hooks(impl, name: str) -> dict:
     """The submission's LoraHooks on every layer of Section 1's value-head model."""
-    from lora_rlhf.value_head import HookedTransformerWithValueHead
+    from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
 
     model = HookedTransformerWithValueHead.from_pretrained(name, device=probe_device())
     model.requires_grad_(False)

@@ -43,9 +43,9 @@ def fast_checks_for(exercise: str | None = None) -> list[Check]:
 def load_fast_impl(spec: str | Path = "library") -> ModuleType:
     """The module under test: ``library``, ``solutions``, ``exercises``, a folder holding
     ``bonus_fast_lora.py``, or a ``.py`` file."""
-    from lora_rlhf.impl import load_section
+    from lora_rlhf.authoring.implementations import load_section
 
-    return load_section(spec, FAST_FILE, "lora_rlhf.fast_lora_bonus")
+    return load_section(spec, FAST_FILE, "lora_rlhf.lessons.bonus_fast_lora")
 
 
 def fast_check(exercise: str, probe, needs: tuple[str, ...] | None = None):

@@ -31,7 +31,7 @@ from lora_rlhf.checks.reference import (
     seeded,
     seeded_tokens,
 )
-from lora_rlhf.trainer import build_trainer
+from lora_rlhf.rlhf.trainer import build_trainer
 
 GRPO_FILE = "section3_grpo.py"
 GRPO_EXERCISES = ("group_advantages", "calc_kl_k3", "calc_grpo_objective", "GRPOTrainerLora")
@@ -51,9 +51,9 @@ def grpo_checks_for(exercise: str | None = None) -> list[Check]:
 def load_grpo_impl(spec: str | Path = "library") -> ModuleType:
     """The module whose GRPO code is under test: ``library``, ``solutions``, ``exercises``, a
     folder holding ``section3_grpo.py``, or a ``.py`` file."""
-    from lora_rlhf.impl import load_section
+    from lora_rlhf.authoring.implementations import load_section
 
-    return load_section(spec, GRPO_FILE, "lora_rlhf.grpo")
+    return load_section(spec, GRPO_FILE, "lora_rlhf.lessons.section3_grpo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ TRAINER_NEEDS = ("GRPOTrainerLora",)
 
 
 def _args(impl, **overrides):
-    from lora_rlhf.grpo import GRPOArgsLora as LibraryArgs
+    from lora_rlhf.lessons.section3_grpo import GRPOArgsLora as LibraryArgs
 
     args_cls = getattr(impl, "GRPOArgsLora", None)
     if not isinstance(args_cls, type):

@@ -55,9 +55,9 @@ def bonus_checks_for(exercise: str | None = None) -> list[Check]:
 def load_bonus_impl(spec: str | Path = "library") -> ModuleType:
     """The module whose bonus classes are under test: ``library``, ``solutions``, ``exercises``,
     a folder holding ``bonus_mlp_lora.py``, or a ``.py`` file."""
-    from lora_rlhf.impl import load_section
+    from lora_rlhf.authoring.implementations import load_section
 
-    return load_section(spec, BONUS_FILE, "lora_rlhf.mlp_lora")
+    return load_section(spec, BONUS_FILE, "lora_rlhf.lessons.bonus_mlp_lora")
 
 
 # --------------------------------------------------------------------------------------------

@@ -357,7 +357,7 @@ def judge_model_no_hook_leak(out):
 @check("TransformerWithValueHeadLora", points=2)
 def probe_model_training_step(impl):
     """A Section 1 optimizer step changes LoRA and value head only; base weights stay bitwise."""
-    from lora_rlhf.ppo import get_optimizer
+    from lora_rlhf.rlhf.ppo import get_optimizer
 
     model = _model(impl)
     names = {id(p): n for n, p in model.named_parameters()}

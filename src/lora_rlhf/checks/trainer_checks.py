@@ -8,8 +8,8 @@ import torch
 
 from lora_rlhf.checks.core import CheckFailed, check, expect
 from lora_rlhf.checks.reference import base_model, close, max_diff, probe_device
-from lora_rlhf.ppo import gen_positions
-from lora_rlhf.trainer import build_trainer
+from lora_rlhf.rlhf.ppo import gen_positions
+from lora_rlhf.rlhf.trainer import build_trainer
 
 # The course's smoke run (SPEC §4).
 SMOKE = dict(
@@ -31,7 +31,7 @@ def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
     gets the submission's; the course's names its own."""
     args_cls = getattr(impl, "RLHFArgsLora", None)
     if not isinstance(args_cls, type):
-        from lora_rlhf.lora import RLHFArgsLora as args_cls
+        from lora_rlhf.lessons.section2_lora import RLHFArgsLora as args_cls
 
     trainer_cls = impl.RLHFTrainerLora
     if not isinstance(trainer_cls, type):

@@ -4,7 +4,7 @@ Graded as Section 2 is — a syntax check, the tampering scan, the probes in san
 verdict reached here by the checks' judges (:mod:`lora_rlhf.checks.grpo_checks`) — but kept apart:
 its points come on top of Section 2's 100 and its maximum is not part of the report's. A submission
 without a GRPO file has no bonus (nothing is run, nothing is reported); one that imports the
-library's own GRPO code (``lora_rlhf.grpo``, ``lora_rlhf.grpo_trainer``) scores no bonus points.
+library's own GRPO code (``lora_rlhf.lessons.section3_grpo``, ``lora_rlhf.cli.grpo_trainer``) scores no bonus points.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import ast
 import tempfile
 from pathlib import Path
 
-from lora_rlhf.authoring import definitions
+from lora_rlhf.authoring.implementations import ImplementationError
+from lora_rlhf.authoring.sync import definitions
 from lora_rlhf.checks.grpo_checks import GRPO_EXERCISES, GRPO_FILE, grpo_checks_for
 from lora_rlhf.grading import sandbox, static
 from lora_rlhf.grading.sandbox import Limits, Outcome
 from lora_rlhf.grading.submissions import IGNORED, NOTEBOOK, notebook_as_script, twin_files
-from lora_rlhf.impl import ImplementationError
 
-LIBRARY_GRPO = ("lora_rlhf.grpo", "lora_rlhf.grpo_trainer")
+LIBRARY_GRPO = ("lora_rlhf.lessons.section3_grpo", "lora_rlhf.cli.grpo_trainer")
 
 
 def bonus_file(submission: str | Path) -> Path | None:

@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_rlhf.authoring.implementations import ImplementationError
 from lora_rlhf.grading.class_report import write_class_report
 from lora_rlhf.grading.grader import GradeReport, Limits, grade
 from lora_rlhf.grading.reports import write_reports
 from lora_rlhf.grading.submissions import students
-from lora_rlhf.impl import ImplementationError
 
 GRADEBOOK = "gradebook.csv"
 RECORD = "grade.json"

@@ -175,9 +175,9 @@ def add_class_parser(subparsers) -> argparse.ArgumentParser:
 def run_class(args: argparse.Namespace) -> int:
     import time
 
+    from lora_rlhf.authoring.implementations import ImplementationError
     from lora_rlhf.grading.class_report import REPORT_FILE
     from lora_rlhf.grading.classroom import GRADEBOOK, grade_class
-    from lora_rlhf.impl import ImplementationError
 
     out = args.out or args.dir.resolve().parent / f"{args.dir.resolve().name}-grades"
     start = time.monotonic()
@@ -270,9 +270,9 @@ def _fallback_report(submission: str, message: str, only):
 
 
 def run(args: argparse.Namespace) -> int:
+    from lora_rlhf.authoring.implementations import ImplementationError
     from lora_rlhf.grading.grader import grade
     from lora_rlhf.grading.reports import scorecard, write_reports
-    from lora_rlhf.impl import ImplementationError
 
     limits = _limits(args)
     status = 0

@@ -126,7 +126,7 @@ def grade(
     the better kept (the script on a tie), the report naming both: an untouched or older twin,
     such as a notebook Jupyter autosaved after the script was finished, never costs points.
 
-    Raises :class:`lora_rlhf.impl.ImplementationError` when `submission` does not exist; every
+    Raises :class:`lora_rlhf.authoring.implementations.ImplementationError` when `submission` does not exist; every
     other problem of the submission (syntax error, crash, hang, tampering) is a graded failure.
     """
     from lora_rlhf.grading.bonus import grade_bonus

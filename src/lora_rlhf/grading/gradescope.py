@@ -51,7 +51,7 @@ ROOT="${{AUTOGRADER_ROOT:-/autograder}}"
 PYTHON="${{LORA_RLHF_PYTHON:-$ROOT/venv/bin/python}}"
 mkdir -p "$ROOT/results"
 cd "$ROOT"
-"$PYTHON" -m lora_rlhf.cli grade "$ROOT/submission" \\
+"$PYTHON" -m lora_rlhf.cli.command grade "$ROOT/submission" \\
     --results "$ROOT/results/results.json" --junit "$ROOT/results/junit.xml" {options}
 status=$?
 # 0 once results.json is written, whatever the score; Gradescope shows it
@@ -74,7 +74,7 @@ def _pyproject() -> str:
         '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
         f'[project]\nname = "{DISTRIBUTION}"\nversion = "{version}"\n'
         f'requires-python = ">=3.10"\ndependencies = [\n{deps}]\n\n'
-        '[project.scripts]\nlora-rlhf = "lora_rlhf.cli:main"\n\n'
+        '[project.scripts]\nlora-rlhf = "lora_rlhf.cli.command:main"\n\n'
         '[tool.setuptools.packages.find]\nwhere = ["src"]\n\n'
         '[tool.setuptools.package-data]\nlora_rlhf = ["assets/**/*"]\n'
     )

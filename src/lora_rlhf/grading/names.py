@@ -18,18 +18,18 @@ import types
 from dataclasses import dataclass
 
 EXERCISES = ("Lora", "LoraHooks", "TransformerWithValueHeadLora", "RLHFTrainerLora")
-REFERENCE_MODULE = "lora_rlhf.lora"
+REFERENCE_MODULE = "lora_rlhf.lessons.section2_lora"
 # The library's modules that hold the checks and the grader.
 PRIVATE_MODULES = (
     "lora_rlhf.checks",
     "lora_rlhf.grading",
-    "lora_rlhf.impl",
-    "lora_rlhf.authoring",
-    "lora_rlhf.cli",
-    "lora_rlhf.train_cli",
-    "lora_rlhf.train_settings",
-    "lora_rlhf.train_outputs",
-    "lora_rlhf.run_files",
+    "lora_rlhf.authoring.implementations",
+    "lora_rlhf.authoring.sync",
+    "lora_rlhf.cli.command",
+    "lora_rlhf.cli.train",
+    "lora_rlhf.cli.settings",
+    "lora_rlhf.cli.outputs",
+    "lora_rlhf.cli.run_files",
 )
 MISSING = object()
 Env = dict[str, set[str]]  # name → the dotted names it may denote

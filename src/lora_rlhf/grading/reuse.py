@@ -1,9 +1,9 @@
 """Reuse of the reference classes: an exercise scores only with the submission's own class.
 
-The library ships the reference implementation (:mod:`lora_rlhf.lora`). An exercise's class must
+The library ships the reference implementation (:mod:`lora_rlhf.lessons.section2_lora`). An exercise's class must
 be defined in the submission by a ``class`` statement (possibly under another name and aliased)
 whose bases, body and helpers never use a reference class: ``from lora_rlhf import Lora``,
-``from lora_rlhf.lora import *`` (without redefining the class), ``class Lora(lora_rlhf.lora.Lora)``,
+``from lora_rlhf.lessons.section2_lora import *`` (without redefining the class), ``class Lora(lora_rlhf.lessons.section2_lora.Lora)``,
 ``LoraHooks`` building the library's ``Lora`` or a helper function calling it all count as reuse.
 
 Names are resolved the way Python runs the module: top-level code sees the bindings made so far,
@@ -40,7 +40,7 @@ def _reference_classes() -> tuple[type, ...]:
 
 
 def reference(dotted: set[str]) -> str | None:
-    """The reference an expression denotes: a class of lora_rlhf.lora (or a subclass), or it."""
+    """The reference an expression denotes: a class of lora_rlhf.lessons.section2_lora (or a subclass), or it."""
     for d in sorted(dotted):
         if d in {f"lora_rlhf.{ex}" for ex in EXERCISES}:  # `from lora_rlhf import Lora`
             return f"{REFERENCE_MODULE}.{d.rsplit('.', 1)[1]}"

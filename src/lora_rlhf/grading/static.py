@@ -47,9 +47,9 @@ def syntax_error(path: Path) -> str | None:
 
 @functools.cache
 def _install_cell() -> str:
-    """``lora_rlhf.authoring.INSTALL_CELL``, read from the module's source: importing authoring
+    """``lora_rlhf.authoring.sync.INSTALL_CELL``, read from the module's source: importing authoring
     would import jupytext and nbformat, on the grading's critical path."""
-    spec = importlib.util.find_spec("lora_rlhf.authoring")
+    spec = importlib.util.find_spec("lora_rlhf.authoring.sync")
     if spec is None or spec.origin is None:
         return ""
     tree = ast.parse(Path(spec.origin).read_text())
@@ -65,7 +65,7 @@ def _install_cell() -> str:
 
 
 def install_cell_lines(source: str) -> range:
-    """The lines of the course's own install cell (:data:`lora_rlhf.authoring.INSTALL_CELL`,
+    """The lines of the course's own install cell (:data:`lora_rlhf.authoring.sync.INSTALL_CELL`,
     which every generated exercise file starts with), when `source` holds it word for word.
 
     That cell imports ``importlib`` and ``subprocess`` to pip-install the course on Google Colab

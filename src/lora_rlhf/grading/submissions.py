@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_rlhf.impl import EXERCISE_FILE, ImplementationError, resolve_path
+from lora_rlhf.authoring.implementations import EXERCISE_FILE, ImplementationError, resolve_path
 
 IGNORED = ("__pycache__", "__MACOSX", ".ipynb_checkpoints")
 NOTEBOOK = ".ipynb"

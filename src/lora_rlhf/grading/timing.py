@@ -41,9 +41,9 @@ def measure(repeats: int = 3) -> dict[str, float]:
     """The fastest of `repeats` runs of every check's probe on the library's reference classes."""
     import torch
 
+    from lora_rlhf.authoring.implementations import load_impl
     from lora_rlhf.checks import checks_for
     from lora_rlhf.checks.core import run_probe
-    from lora_rlhf.impl import load_impl
 
     torch.set_num_threads(1)  # as in a worker
     impl = load_impl("library")

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora_rlhf.authoring.implementations import load_module
 from lora_rlhf.checks import all_checks  # noqa: F401  (registers every check)
 from lora_rlhf.checks.core import CHECKS, run_probe
 from lora_rlhf.checks.grpo_checks import GRPO_CHECKS
-from lora_rlhf.impl import load_module
 
 SEED = 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from lora_rlhf.devices import default_device
+from lora_rlhf.models.devices import default_device
 from lora_rlhf.models.errors import ModelUnavailableError
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
@@ -180,7 +180,7 @@ def load_model(
 
     Args:
         name: ``smollm2-135m``, ``tiny-pythia``, ``tiny-llama`` or a TransformerLens official name.
-        device: defaults to :func:`lora_rlhf.devices.default_device` (cuda when present).
+        device: defaults to :func:`lora_rlhf.models.devices.default_device` (cuda when present).
         dtype: defaults to float32.
         model_class: the HookedTransformer subclass to build (its ``__init__`` takes the same
             arguments as HookedTransformer's), e.g. the value-head model.

@@ -4,21 +4,21 @@ The run (see ``docs/training.md``):
 
 1. checks every option — and the output folder, the ``--impl`` submission, the ``--resume``
    checkpoint — *before* a model is loaded; a bad one exits with status 2 and one line on stderr;
-2. trains :class:`~lora_rlhf.lora.RLHFTrainerLora` (with the ``--impl`` classes) under a progress
+2. trains :class:`~lora_rlhf.lessons.section2_lora.RLHFTrainerLora` (with the ``--impl`` classes) under a progress
    bar that shows the reward;
 3. writes into ``--out``: ``metrics.jsonl`` (one line per phase, as it goes), ``reward_curve.png``,
    ``samples.md`` (before/after training), ``adapter.safetensors`` + ``adapter_config.json`` (the
-   LoRA and value-head weights, in the format of :mod:`lora_rlhf.adapters`) and
+   LoRA and value-head weights, in the format of :mod:`lora_rlhf.adapters.files`) and
    ``trainer_state.pt`` (optimizer and random-number state, so ``--resume`` continues exactly);
 4. prints a summary.
 
-Every ``--save-every`` phases it also writes a checkpoint (:mod:`lora_rlhf.checkpoint`), which
+Every ``--save-every`` phases it also writes a checkpoint (:mod:`lora_rlhf.cli.checkpoint`), which
 ``--resume`` continues from after a kill. Ctrl-C, SIGTERM and SIGHUP stop the run after saving
-what was learned so far (:mod:`lora_rlhf.stop_signals`; exit status 128 + the signal's number:
+what was learned so far (:mod:`lora_rlhf.cli.stop_signals`; exit status 128 + the signal's number:
 130, 143, 129).
 
 This module is the command (its options, the plan, the run); the defaults and the checks are in
-:mod:`lora_rlhf.train_settings`, what a run writes and reads back in :mod:`lora_rlhf.train_outputs`.
+:mod:`lora_rlhf.cli.settings`, what a run writes and reads back in :mod:`lora_rlhf.cli.outputs`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_rlhf.stop_signals import StopSignals, exit_status, signal_name
-from lora_rlhf.train_outputs import (
+from lora_rlhf.cli.outputs import (
     RunRecorder,
     print_summary,
     read_metrics,
     restore,
 )
-from lora_rlhf.train_settings import (
+from lora_rlhf.cli.settings import (
     DEFAULTS,
     DTYPES,
     Plan,
@@ -55,6 +54,7 @@ from lora_rlhf.train_settings import (
     read_resume_point,
     reward_label,
 )
+from lora_rlhf.cli.stop_signals import StopSignals, exit_status, signal_name
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -63,13 +63,13 @@ LIST_REWARDS = "list"  # --reward list: describe the rewards and exit
 
 
 def _ppo_trainer() -> type:
-    from lora_rlhf.lora import RLHFTrainerLora
+    from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
 
     return RLHFTrainerLora
 
 
 def _grpo_trainer() -> type:
-    from lora_rlhf.grpo_trainer import GRPOTrainer
+    from lora_rlhf.cli.grpo_trainer import GRPOTrainer
 
     return GRPOTrainer
 
@@ -229,15 +229,15 @@ def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
     """The ``--algo`` trainer (RLHFTrainerLora for ppo), training the ``--impl`` submission's
     ``TransformerWithValueHeadLora``: for ppo, the submission's own ``RLHFTrainerLora`` when it
     defines one, else the library's, building the submission's model."""
-    from lora_rlhf.impl import ImplementationError, load_impl
-    from lora_rlhf.trainer import RLHFTrainer
-    from lora_rlhf.value_head import HookedTransformerWithValueHead
+    from lora_rlhf.authoring.implementations import ImplementationError, load_impl
+    from lora_rlhf.rlhf.trainer import RLHFTrainer
+    from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
 
     if algo not in ALGOS:
         raise UsageError(f"--algo {algo}: unknown algorithm; known: {', '.join(sorted(ALGOS))}")
     trainer_class = ALGOS[algo][1]()
     if impl_spec == "library":  # the library's own classes, run through its fast path
-        from lora_rlhf.fast import with_fast_lora
+        from lora_rlhf.fast.lora import with_fast_lora
 
         return with_fast_lora(trainer_class)
     try:
@@ -252,7 +252,7 @@ def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
     if not issubclass(model_class, HookedTransformerWithValueHead):
         raise UsageError(
             f"--impl {impl_spec}: its TransformerWithValueHeadLora must subclass "
-            "lora_rlhf.value_head.HookedTransformerWithValueHead"
+            "lora_rlhf.rlhf.value_head.HookedTransformerWithValueHead"
         )
     own = getattr(module, "RLHFTrainerLora", None)
     if algo == "ppo" and isinstance(own, type) and issubclass(own, RLHFTrainer):
@@ -334,9 +334,9 @@ def _say(text: str) -> None:
 def _train(plan: Plan, stops: StopSignals) -> int:
     import torch
 
-    from lora_rlhf.adapters import AdapterMismatchError, AdaptorContractError, rank_and_alpha
+    from lora_rlhf.adapters.files import AdapterMismatchError, AdaptorContractError, rank_and_alpha
     from lora_rlhf.models import ModelUnavailableError
-    from lora_rlhf.trainer import build_trainer
+    from lora_rlhf.rlhf.trainer import build_trainer
 
     if plan.threads:
         torch.set_num_threads(plan.threads)
@@ -406,7 +406,7 @@ def _train(plan: Plan, stops: StopSignals) -> int:
 
 def list_rewards() -> int:
     """``--reward list``: every reward with a one-line description, and whether it can run here."""
-    from lora_rlhf.rewards import REWARD_DESCRIPTIONS, REWARDS, check_reward_available
+    from lora_rlhf.rlhf.rewards import REWARD_DESCRIPTIONS, REWARDS, check_reward_available
 
     width = max(map(len, REWARDS))
     for name in sorted(REWARDS):
@@ -445,7 +445,7 @@ __all__ = [
     "train",
 ]
 
-if __name__ == "__main__":  # python -m lora_rlhf.train_cli …
-    from lora_rlhf.cli import main
+if __name__ == "__main__":  # python -m lora_rlhf.cli.train …
+    from lora_rlhf.cli.command import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Generate `exercises/` and `solutions/` (scripts and notebooks) from the hand-written sources.
 
-Each source is a library module (``src/lora_rlhf/lora.py``, ...), a jupytext percent script.
+Each source is a library module (``src/lora_rlhf/lessons/section2_lora.py``, ...), a jupytext percent script.
 Each part a student writes sits between markers::
 
     # >>> exercise: Lora.forward — (x @ A) @ B · α/r, one map per instance
@@ -78,16 +78,16 @@ class Source:
 
 def sources() -> list[Source]:
     """Every marked source, in the order of the course (append new sections here)."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1] / "lessons"
     return [
-        Source(pkg / "lora.py", "section2_lora.py"),
-        Source(pkg / "mlp_lora.py", "bonus_mlp_lora.py"),
-        Source(pkg / "grpo.py", "section3_grpo.py"),
-        Source(pkg / "fast_lora_bonus.py", "bonus_fast_lora.py"),
+        Source(pkg / "section2_lora.py", "section2_lora.py"),
+        Source(pkg / "bonus_mlp_lora.py", "bonus_mlp_lora.py"),
+        Source(pkg / "section3_grpo.py", "section3_grpo.py"),
+        Source(pkg / "bonus_fast_lora.py", "bonus_fast_lora.py"),
     ]
 
 
-def render(text: str, kind: str, source: str = "src/lora_rlhf/lora.py") -> str:
+def render(text: str, kind: str, source: str = "src/lora_rlhf/lessons/section2_lora.py") -> str:
     """The solutions (kind="solutions") or stubs (kind="exercises") script of a marked source."""
     out: list[str] = []
     block: str | None = None
@@ -190,7 +190,7 @@ def _cell_definitions(cell) -> set[str]:
 
 def generated(src: Source, kind: str) -> dict[str, str]:
     """File name → content of what `src` generates for `kind`: the script and its notebook."""
-    source = f"src/lora_rlhf/{src.path.name}"
+    source = f"src/lora_rlhf/lessons/{src.path.name}"
     script = render(src.path.read_text(), kind, source=source)
     notebook_name = Path(src.target_name).with_suffix(".ipynb").name
     return {

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 1,
     "dtype": "float32",
     "impl": "library",
-    "save_every": 1,  # phases between checkpoints (0: none); see lora_rlhf.checkpoint
+    "save_every": 1,  # phases between checkpoints (0: none); see lora_rlhf.cli.checkpoint
 }
 
 # option (its dest) -> RLHFArgsLora field
@@ -118,7 +118,7 @@ class ResumePoint:
     def notices_for(self, out: Path) -> list[str]:
         """What to tell when the run starts in ``out``: the damaged states passed over, and the
         lines of ``out``'s metrics.jsonl past the state resumed from (they are dropped)."""
-        from lora_rlhf.run_files import metrics_past
+        from lora_rlhf.cli.run_files import metrics_past
 
         past, done = metrics_past(out, self.phases_done), self.phases_done
         if not past:
@@ -152,12 +152,12 @@ class Plan:
 
 
 def read_resume_point(spec: str) -> ResumePoint:
-    from lora_rlhf.adapters import (
+    from lora_rlhf.adapters.files import (
         ADAPTER_WEIGHTS,
         AdapterMismatchError,
         read_adapter_config,
     )
-    from lora_rlhf.run_files import NoSavedRun, choose_resume_source
+    from lora_rlhf.cli.run_files import NoSavedRun, choose_resume_source
 
     path = Path(spec)
     if not path.exists():
@@ -248,7 +248,7 @@ def check_numbers(s: dict[str, Any]) -> None:
 
 
 def check_reward(s: dict[str, Any], char_given: bool) -> None:
-    from lora_rlhf.rewards import REWARDS, RewardUnavailableError, check_reward_available
+    from lora_rlhf.rlhf.rewards import REWARDS, RewardUnavailableError, check_reward_available
 
     if s["reward"] not in REWARDS:
         raise UsageError(
@@ -304,7 +304,7 @@ def check_device(spec: str | None) -> None:
 
 def make_reward_fn(name: str, char: str):
     """The registered reward ``name``; char_count and no_char count ``char``."""
-    from lora_rlhf.rewards import REWARDS
+    from lora_rlhf.rlhf.rewards import REWARDS
 
     fn = REWARDS[name]
     if name not in ("char_count", "no_char"):
@@ -337,8 +337,8 @@ def kl_label(settings: dict[str, Any]) -> str:
 def build_args(settings: dict[str, Any], device: str | None, wandb: bool, wandb_project: str):
     import torch
 
-    from lora_rlhf.args import ArgsError
-    from lora_rlhf.lora import RLHFArgsLora
+    from lora_rlhf.lessons.section2_lora import RLHFArgsLora
+    from lora_rlhf.rlhf.args import ArgsError
 
     fields = {field: settings[dest] for dest, field in ARGS_FIELDS.items()}
     fields["top_k"] = fields["top_k"] or None
@@ -380,7 +380,7 @@ def check_out(out: Path, resume: ResumePoint | None) -> None:
         resume is not None and out.exists() and out.resolve() == resume.run_folder.resolve()
     )
     if out.is_dir() and not same_as_resumed:
-        from lora_rlhf.train_outputs import RUN_FILES
+        from lora_rlhf.cli.outputs import RUN_FILES
 
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held:

@@ -19,7 +19,7 @@
 # The bonus is not part of the graded exercises (its checks carry no points). Do Section 2 first:
 # this file uses the library's `Lora` and `TransformerWithValueHeadLora`.
 #
-# This file is generated from `src/lora_rlhf/mlp_lora.py` (`lora-rlhf sync`).
+# This file is generated from `src/lora_rlhf/lessons/bonus_mlp_lora.py` (`lora-rlhf sync`).
 
 # %%
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from lora_rlhf.checks import mlp_checks
-from lora_rlhf.lora import FwdHook, Lora, TransformerWithValueHeadLora
+from lora_rlhf.lessons.section2_lora import FwdHook, Lora, TransformerWithValueHeadLora
 
 # %% [markdown]
 # ## Exercise B1 — `MlpLoraHooks`: adaptors on one MLP layer

@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from lora_rlhf.authoring import MarkerError, sync
-    from lora_rlhf.impl import repo_root
+    from lora_rlhf.authoring.implementations import repo_root
+    from lora_rlhf.authoring.sync import MarkerError, sync
 
     root = Path(args.root) if args.root else repo_root()
     if root is None:
@@ -43,7 +43,7 @@ def _exercises(args: argparse.Namespace) -> int:
     They are rendered from the sources inside the installed package, the same way `sync` writes
     `exercises/` in a checkout: a wheel needs no second copy of them, and what a student gets
     always matches the checks of the installed version."""
-    from lora_rlhf.authoring import generated, sources
+    from lora_rlhf.authoring.sync import generated, sources
 
     out = Path(args.dir)
     if out.exists() and not out.is_dir():
@@ -78,8 +78,8 @@ def _exercises(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Draw the adaptor map of a saved adapter and print its largest updates."""
-    from lora_rlhf.adapters import ADAPTER_WEIGHTS, load_lora_model, read_adapter_config
-    from lora_rlhf.adaptor_map import MAP_FILE, save_adaptor_map
+    from lora_rlhf.adapters.adaptor_map import MAP_FILE, save_adaptor_map
+    from lora_rlhf.adapters.files import ADAPTER_WEIGHTS, load_lora_model, read_adapter_config
     from lora_rlhf.models.registry import ModelUnavailableError
 
     path = Path(args.path)
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each module adds its own subcommands; one that cannot be imported (a dependency missing)
     # still lists its commands, and running one names what is missing instead of "invalid choice".
     for module_name, commands in (
-        ("lora_rlhf.train_cli", ("train",)),
+        ("lora_rlhf.cli.train", ("train",)),
         ("lora_rlhf.grading.cli", ("grade", "grade-class", "gradescope-bundle")),
     ):
         try:

@@ -1,6 +1,6 @@
 """The library's fast path: a Section 2 model's adaptors, the same function in fewer, larger operations.
 
-The teaching classes (:mod:`lora_rlhf.lora`) apply each layer's adaptors through six hooks: the
+The teaching classes (:mod:`lora_rlhf.lessons.section2_lora`) apply each layer's adaptors through six hooks: the
 store hook runs three times (TransformerLens normalises x once for each of q, k and v), each of
 ``hook_q``, ``hook_k``, ``hook_v`` runs the ``Lora`` module, and ``hook_attn_out`` forms one
 d_model-wide output per head before summing them. On a CPU those Python calls and small products
@@ -19,13 +19,13 @@ cost more than the adaptors' arithmetic (docs/benchmarks.md). The fast path comp
   a parameter is replaced or changed in place, and products are accumulated into the activation
   (``addmm_``). Under autograd they are built anew each pass, so gradients reach every A and B.
 
-Only the adaptor contract is read (:func:`lora_rlhf.adapters.scaling_of`) —
+Only the adaptor contract is read (:func:`lora_rlhf.adapters.files.scaling_of`) —
 ``model.lora[i].lora_q/k/v/o``, each with ``A``, ``B``, ``rank`` and ``lora_alpha`` — so it runs
 the library's classes and a student's alike.
 
 ``fast_lora(model)`` switches it on for a block, ``install_fast_lora`` for good (it returns the
 undo). In between, ``forward_with_value_head`` and ``generate`` run fast, their hooks attached by
-:func:`lora_rlhf.lean_hooks.attached_hooks`; plain ``forward`` stays the base model (π_ref).
+:func:`lora_rlhf.fast.hooks.attached_hooks`; plain ``forward`` stays the base model (π_ref).
 ``with_fast_lora(trainer_class)`` gives the trainer whose model runs this way: what
 ``lora-rlhf train --impl library`` trains (any other ``--impl``
 trains the submission's own classes as they are).
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.components import GroupedQueryAttention
 
-from lora_rlhf.adapters import scaling_of
-from lora_rlhf.lean_hooks import use_attached_hooks
-from lora_rlhf.lora import RLHFTrainerLora
+from lora_rlhf.adapters.files import scaling_of
+from lora_rlhf.fast.hooks import use_attached_hooks
+from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
 
 # The teaching hooks of layer i whose work the fast path does (any other LoRA hook, e.g. the MLP
 # bonus's, stays as it is).
@@ -118,7 +118,7 @@ def with_fast_lora(trainer_class: type[RLHFTrainerLora]) -> type[RLHFTrainerLora
             install_fast_lora(self.model)
 
     Fast.__name__ = Fast.__qualname__ = f"Fast{trainer_class.__name__}"
-    Fast.__doc__ = f"{trainer_class.__name__}, its adaptors run through lora_rlhf.fast."
+    Fast.__doc__ = f"{trainer_class.__name__}, its adaptors run through lora_rlhf.fast.lora."
     return Fast
 
 

@@ -3,7 +3,7 @@
 Every ``--save-every`` phases the run writes ``checkpoints/phase-NNNNNN/`` inside its folder
 (NNNNNN: the phases done). It holds the same files as the save at the end of a run (adapter,
 config, trainer state, metrics, samples), so a checkpoint is itself a saved run that
-``--resume`` and :func:`~lora_rlhf.adapters.load_lora_model` read.
+``--resume`` and :func:`~lora_rlhf.adapters.files.load_lora_model` read.
 
 A checkpoint is written into a temporary folder beside the others, each file is flushed to the
 disk (fsync), and the folder is then renamed into place in one step (``os.replace``). A kill at

@@ -1,6 +1,6 @@
 """The engine's versions of three Section 1 functions: the same values as
-:func:`lora_rlhf.ppo.get_logprobs`, :func:`~lora_rlhf.ppo.calc_kl_penalty` and
-:func:`~lora_rlhf.ppo.calc_entropy_bonus`, for a fraction of their memory. The trainers use these.
+:func:`lora_rlhf.rlhf.ppo.get_logprobs`, :func:`~lora_rlhf.rlhf.ppo.calc_kl_penalty` and
+:func:`~lora_rlhf.rlhf.ppo.calc_entropy_bonus`, for a fraction of their memory. The trainers use these.
 
 Each is an autograd function that keeps only its inputs for the backward pass (views of logits
 that are in memory anyway) and recomputes the softmax there, one sequence at a time. The plain
@@ -8,7 +8,7 @@ formulas keep two or three tensors the size of the logits' generated positions
 (``[minibatch, gen_len, d_vocab]``) until backward and build several more while computing; here a
 temporary is one sequence's ``[gen_len, d_vocab]``. That peak is most of what a LoRA phase holds
 beyond the model (docs/training.md, "Memory"). tests/test_ppo_kernels.py checks values and
-gradients against the plain formulas of :mod:`lora_rlhf.ppo`.
+gradients against the plain formulas of :mod:`lora_rlhf.rlhf.ppo`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lora_rlhf.ppo import gen_positions
+from lora_rlhf.rlhf.ppo import gen_positions
 
 
 def get_logprobs(
@@ -28,7 +28,7 @@ def get_logprobs(
     tokens: Int[Tensor, "batch seq"],
     prefix_len: int | None = None,
 ) -> Float[Tensor, "batch out_len"]:
-    """:func:`lora_rlhf.ppo.get_logprobs`, computed one sequence at a time."""
+    """:func:`lora_rlhf.rlhf.ppo.get_logprobs`, computed one sequence at a time."""
     start = 0 if prefix_len is None else prefix_len - 1
     return _LogProb.apply(logits[:, start:-1], tokens[:, start + 1 :])
 
@@ -39,7 +39,7 @@ def calc_kl_penalty(
     kl_coef: float,
     gen_len: int,
 ) -> Float[Tensor, ""]:
-    """:func:`lora_rlhf.ppo.calc_kl_penalty`, computed one sequence at a time."""
+    """:func:`lora_rlhf.rlhf.ppo.calc_kl_penalty`, computed one sequence at a time."""
     kl = _KLDivergence.apply(gen_positions(logits, gen_len), gen_positions(ref_logits, gen_len))
     return kl_coef * kl.mean()
 
@@ -47,7 +47,7 @@ def calc_kl_penalty(
 def calc_entropy_bonus(
     logits: Float[Tensor, "batch seq d_vocab"], ent_coef: float, gen_len: int
 ) -> Float[Tensor, ""]:
-    """:func:`lora_rlhf.ppo.calc_entropy_bonus`, computed one sequence at a time."""
+    """:func:`lora_rlhf.rlhf.ppo.calc_entropy_bonus`, computed one sequence at a time."""
     entropy = _Entropy.apply(gen_positions(logits, gen_len))
     return ent_coef * entropy.mean()
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_rlhf.models import DEFAULT_MODEL, ModelUnavailableError, check_model_name
-from lora_rlhf.rewards import REWARDS, RewardFn, reward_fn_char_count, reward_fn_name
+from lora_rlhf.rlhf.rewards import REWARDS, RewardFn, reward_fn_char_count, reward_fn_name
 
 
 class ArgsError(ValueError):
@@ -23,8 +23,8 @@ class RLHFArgs:
     """Hyperparameters of RLHF with PPO (defaults follow the course).
 
     ``reward_fn`` is a callable ``list[str] -> Tensor[batch]`` or a name from
-    :data:`lora_rlhf.rewards.REWARDS` (e.g. ``"char_count"``); a name is resolved on construction.
-    ``device`` None means :func:`lora_rlhf.devices.default_device`.
+    :data:`lora_rlhf.rlhf.rewards.REWARDS` (e.g. ``"char_count"``); a name is resolved on construction.
+    ``device`` None means :func:`lora_rlhf.models.devices.default_device`.
     """
 
     seed: int = 1
@@ -62,7 +62,7 @@ class RLHFArgs:
     # RLHF-specific arguments
     kl_coef: float = 2.5
     # None: kl_coef stays fixed (the course). A number: the KL(π ‖ π_ref) per generated token that
-    # an adaptive controller steers towards, starting from kl_coef (lora_rlhf.kl_control).
+    # an adaptive controller steers towards, starting from kl_coef (lora_rlhf.rlhf.kl_control).
     kl_target: float | None = None
     kl_horizon: float = 10000.0
     reward_fn: RewardFn | str = reward_fn_char_count

@@ -26,9 +26,9 @@
 # your own, set `GRPOTrainerLora.model_class` to your class.
 #
 # Section 1's `get_logprobs`, `calc_kl_penalty` and `calc_entropy_bonus` come from
-# `lora_rlhf.ppo_kernels`: the same functions, computed one sequence at a time to save memory.
+# `lora_rlhf.fast.ppo_kernels`: the same functions, computed one sequence at a time to save memory.
 #
-# This file is generated from `src/lora_rlhf/grpo.py` (`lora-rlhf sync`).
+# This file is generated from `src/lora_rlhf/lessons/section3_grpo.py` (`lora-rlhf sync`).
 
 # %%
 from __future__ import annotations
@@ -42,11 +42,15 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from lora_rlhf import tests_grpo
-from lora_rlhf.args import ArgsError
-from lora_rlhf.lora import RLHFArgsLora, RLHFTrainerLora, TransformerWithValueHeadLora
-from lora_rlhf.memory import lean_heap, release_freed_memory
-from lora_rlhf.ppo import get_optimizer_and_scheduler
-from lora_rlhf.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
+from lora_rlhf.fast.memory import lean_heap, release_freed_memory
+from lora_rlhf.fast.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
+from lora_rlhf.lessons.section2_lora import (
+    RLHFArgsLora,
+    RLHFTrainerLora,
+    TransformerWithValueHeadLora,
+)
+from lora_rlhf.rlhf.args import ArgsError
+from lora_rlhf.rlhf.ppo import get_optimizer_and_scheduler
 
 # %% [markdown]
 # ## Exercise G1 — group advantages (GRPO and RLOO)

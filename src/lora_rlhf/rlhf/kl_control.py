@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lora_rlhf.args import RLHFArgs
+    from lora_rlhf.rlhf.args import RLHFArgs
 
 # The paper's clip on the relative error: the coefficient moves at most ±20% per horizon.
 MAX_RELATIVE_ERROR = 0.2

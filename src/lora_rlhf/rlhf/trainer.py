@@ -30,12 +30,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.args import RLHFArgs
-from lora_rlhf.devices import default_device
-from lora_rlhf.kl_control import KLController, make_kl_controller
-from lora_rlhf.memory import lean_heap, release_freed_memory
+from lora_rlhf.fast.memory import lean_heap, release_freed_memory
+from lora_rlhf.fast.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
+from lora_rlhf.models.devices import default_device
 from lora_rlhf.models.sharing import share_frozen_copies, untie_unembed
-from lora_rlhf.ppo import (
+from lora_rlhf.rlhf.args import RLHFArgs
+from lora_rlhf.rlhf.kl_control import KLController, make_kl_controller
+from lora_rlhf.rlhf.ppo import (
     ReplayMemory,
     ReplayMinibatch,
     calc_clipped_surrogate_objective,
@@ -46,9 +47,8 @@ from lora_rlhf.ppo import (
     get_optimizer_and_scheduler,
     get_samples,
 )
-from lora_rlhf.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
-from lora_rlhf.rewards import normalize_reward
-from lora_rlhf.value_head import HookedTransformerWithValueHead
+from lora_rlhf.rlhf.rewards import normalize_reward
+from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
 
 PhaseCallback = Callable[[dict[str, Any]], None]
 
@@ -138,7 +138,7 @@ class RLHFTrainer:
         ref_model: the reference policy (its plain forward gives the reference logits).
         optimizer, scheduler: from :meth:`build_optimizer_and_scheduler`.
         kl_controller: the KL coefficient (``kl_controller.value``): fixed at ``args.kl_coef``, or
-            adapted after each phase when ``args.kl_target`` is set (:mod:`lora_rlhf.kl_control`).
+            adapted after each phase when ``args.kl_target`` is set (:mod:`lora_rlhf.rlhf.kl_control`).
         prefix_len: number of prompt tokens (BOS included).
         history: one metrics dict per finished phase (see :meth:`train`).
         samples, rewards: the latest rollout's decoded samples and raw rewards.
@@ -166,7 +166,7 @@ class RLHFTrainer:
         seed_everything(args.seed)
         self.optimizer, self.scheduler = self.build_optimizer_and_scheduler()
         self.kl_controller: KLController = make_kl_controller(args)
-        release_freed_memory()  # what loading the weights left free (see lora_rlhf.memory)
+        release_freed_memory()  # what loading the weights left free (see lora_rlhf.fast.memory)
         prompt_ids = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos)
         self.prefix_len: int = prompt_ids.shape[-1]
 
@@ -305,8 +305,8 @@ class RLHFTrainer:
 
     def learning_phase(self, memory: ReplayMemory) -> None:
         """One optimizer step per minibatch, then one scheduler step. Runs under
-        :func:`~lora_rlhf.memory.lean_heap`, and gives freed memory back between steps: see
-        ``lora_rlhf.memory`` (what the peak memory of a LoRA phase is made of)."""
+        :func:`~lora_rlhf.fast.memory.lean_heap`, and gives freed memory back between steps: see
+        ``lora_rlhf.fast.memory`` (what the peak memory of a LoRA phase is made of)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._minibatch_stats = []
         with lean_heap():

@@ -1,8 +1,8 @@
 """GRPO as `lora-rlhf train --algo grpo` runs it: the bonus lesson's :class:`GRPOTrainerLora`,
 fed the command's arguments.
 
-The command builds Section 2's :class:`~lora_rlhf.lora.RLHFArgsLora` for every algorithm;
-:func:`grpo_args` turns them into :class:`~lora_rlhf.grpo.GRPOArgsLora` (adding the group size and
+The command builds Section 2's :class:`~lora_rlhf.lessons.section2_lora.RLHFArgsLora` for every algorithm;
+:func:`grpo_args` turns them into :class:`~lora_rlhf.lessons.section3_grpo.GRPOArgsLora` (adding the group size and
 the kind of advantage), and :class:`GRPOTrainer` accepts either. It also follows the command's
 KL coefficient controller (``--kl-target``) when the trainer has one: GRPO's β is the
 coefficient of the k3 term, set from the controller before each learning phase and steered by the
@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lora_rlhf.args import ArgsError
-from lora_rlhf.grpo import GroupMemory, GRPOArgsLora, GRPOTrainerLora
-from lora_rlhf.lora import RLHFArgsLora
-from lora_rlhf.trainer import PhaseCallback, seed_everything
+from lora_rlhf.lessons.section2_lora import RLHFArgsLora
+from lora_rlhf.lessons.section3_grpo import GroupMemory, GRPOArgsLora, GRPOTrainerLora
+from lora_rlhf.rlhf.args import ArgsError
+from lora_rlhf.rlhf.trainer import PhaseCallback, seed_everything
 
 DEFAULT_GROUP_SIZE = GRPOArgsLora.group_size
 DEFAULT_ADVANTAGE = GRPOArgsLora.advantage
@@ -55,7 +55,7 @@ class GRPOTrainer(GRPOTrainerLora):
     ) -> None:
         super().__init__(grpo_args(args))
         # As RLHFTrainer's own __init__: sampling depends on the seed alone, not on what building
-        # the model drew (the command seeds again anyway: lora_rlhf.trainer.build_trainer).
+        # the model drew (the command seeds again anyway: lora_rlhf.rlhf.trainer.build_trainer).
         seed_everything(args.seed)
         self.on_phase_end, self.show_progress = on_phase_end, show_progress
 

@@ -17,8 +17,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lora_rlhf.args import RLHFArgs
-    from lora_rlhf.value_head import HookedTransformerWithValueHead
+    from lora_rlhf.rlhf.args import RLHFArgs
+    from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
 
 
 def gen_positions(

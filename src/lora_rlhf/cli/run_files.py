@@ -3,7 +3,7 @@ reads any of them: a missing or damaged file stops the run with one line that na
 model is loaded or anything is written.
 
 A run folder holds up to three saved states: the save at the end of the run (or at a stop), and
-the two newest checkpoints (:mod:`lora_rlhf.checkpoint`). :func:`choose_resume_source` picks the
+the two newest checkpoints (:mod:`lora_rlhf.cli.checkpoint`). :func:`choose_resume_source` picks the
 one with the most phases done that is intact, and says which damaged ones it passed over."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lora_rlhf.adapters import (
+from lora_rlhf.adapters.files import (
     ADAPTER_CONFIG,
     RESAVE,
     AdapterFileError,
@@ -41,7 +41,7 @@ def check_run_folder(folder: str | Path, fix: str = FIX) -> dict[str, Any]:
     """
     import torch
 
-    from lora_rlhf.train_outputs import METRICS_FILE, SAMPLES_JSON, TRAINER_STATE
+    from lora_rlhf.cli.outputs import METRICS_FILE, SAMPLES_JSON, TRAINER_STATE
 
     folder = Path(folder)
     try:
@@ -104,7 +104,7 @@ def choose_resume_source(path: str | Path) -> tuple[Path, Path, list[str]]:
     next one, with a one-line notice; when none is intact, the newest one's damage is raised as
     :class:`AdapterFileError`. Raises :class:`NoSavedRun` when there is nothing saved at all.
     """
-    from lora_rlhf.checkpoint import checkpoint_phase, list_checkpoints
+    from lora_rlhf.cli.checkpoint import checkpoint_phase, list_checkpoints
 
     path = Path(path)
     if path.is_file():
@@ -137,7 +137,7 @@ def choose_resume_source(path: str | Path) -> tuple[Path, Path, list[str]]:
 def metrics_past(run_folder: str | Path, phases_done: int) -> list[int | None]:
     """The phases of the lines of a run's ``metrics.jsonl`` past ``phases_done`` (None for a line
     that is not readable JSON, such as one cut short by a kill): what resuming drops."""
-    from lora_rlhf.train_outputs import METRICS_FILE
+    from lora_rlhf.cli.outputs import METRICS_FILE
 
     file = Path(run_folder) / METRICS_FILE
     if not file.is_file():

@@ -35,10 +35,10 @@
 #
 # **Merging: inference for free.** After training, `W + (α/r) A B` is one ordinary matrix of W's
 # shape. Write it into the weights and the adaptors can go: the tuned model is exactly as fast as
-# the base model (`lora-rlhf train` saves the adaptors; `lora_rlhf.merge` merges them). During
+# the base model (`lora-rlhf train` saves the adaptors; `lora_rlhf.adapters.merge` merges them). During
 # training we keep them apart instead, since switching them off is what gives us π_ref.
 #
-# This file is generated from `src/lora_rlhf/lora.py` (`lora-rlhf sync`). Most of the code is
+# This file is generated from `src/lora_rlhf/lessons/section2_lora.py` (`lora-rlhf sync`). Most of the code is
 # given; you write the eight methods that raise `NotImplementedError`. Each exercise ends with
 # the check that tests it: run its cell, or run the pytest suite.
 
@@ -59,12 +59,12 @@ from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from lora_rlhf import tests_lora
-from lora_rlhf.args import RLHFArgs
-from lora_rlhf.devices import default_device
 from lora_rlhf.models import DEFAULT_MODEL
-from lora_rlhf.ppo import get_optimizer_and_scheduler
-from lora_rlhf.trainer import RLHFTrainer
-from lora_rlhf.value_head import HookedTransformerWithValueHead
+from lora_rlhf.models.devices import default_device
+from lora_rlhf.rlhf.args import RLHFArgs
+from lora_rlhf.rlhf.ppo import get_optimizer_and_scheduler
+from lora_rlhf.rlhf.trainer import RLHFTrainer
+from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
 
 FwdHook = tuple[str, Callable]
 device = default_device()

@@ -25,7 +25,7 @@ def plot_reward_curve(
 
     Args:
         history: per-phase metrics with ``phase``, ``reward_mean``, ``reward_std`` and ``kl``
-            (the trainer's :attr:`~lora_rlhf.trainer.RLHFTrainer.history`).
+            (the trainer's :attr:`~lora_rlhf.rlhf.trainer.RLHFTrainer.history`).
         path: where to write the PNG.
         title: the figure's title.
         reward_label: the reward axis' label (e.g. ``"count of '.'"``).
@@ -128,12 +128,12 @@ def plot_reward_curves(
 
 
 def plot_adaptor_map(amap, path: str | Path, title: str = "Where the adaptors learned") -> Path:
-    """Save a PNG of an :class:`~lora_rlhf.adaptor_map.AdaptorMap`: on the left a heatmap of
+    """Save a PNG of an :class:`~lora_rlhf.adapters.adaptor_map.AdaptorMap`: on the left a heatmap of
     ‖ΔW‖_F / ‖W‖_F over layers × targets (log colour scale; the largest updates numbered), on the
     right the singular values of those largest updates (how many directions each really uses).
 
     Args:
-        amap: the map (:func:`lora_rlhf.adaptor_map.adaptor_map`).
+        amap: the map (:func:`lora_rlhf.adapters.adaptor_map.adaptor_map`).
         path: where to write the PNG.
         title: the figure's title.
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_rlhf.hacking import count_hacks
-from lora_rlhf.train_settings import Plan, ResumePoint, reward_label
+from lora_rlhf.cli.settings import Plan, ResumePoint, reward_label
+from lora_rlhf.rlhf.hacking import count_hacks
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "reward_curve.png"
@@ -111,7 +111,7 @@ def restore(trainer, resume: ResumePoint) -> None:
     optimizer and random-number state (when saved), and the learning-rate schedule."""
     import torch
 
-    from lora_rlhf.adapters import load_adapter
+    from lora_rlhf.adapters.files import load_adapter
 
     load_adapter(trainer.model, resume.folder)
     done = resume.phases_done
@@ -144,7 +144,7 @@ class RunRecorder:
     rest on save.
 
     ``critical`` makes a block that a stop signal does not cut short (the run's
-    :meth:`lora_rlhf.stop_signals.StopSignals.deferred`): the end of each phase runs in one.
+    :meth:`lora_rlhf.cli.stop_signals.StopSignals.deferred`): the end of each phase runs in one.
     """
 
     def __init__(self, plan: Plan):
@@ -203,8 +203,8 @@ class RunRecorder:
 
     def write_checkpoint(self) -> Path:
         """``checkpoints/phase-NNNNNN/``: the run's state now, in one step (see
-        :mod:`lora_rlhf.checkpoint`)."""
-        from lora_rlhf.checkpoint import write_checkpoint
+        :mod:`lora_rlhf.cli.checkpoint`)."""
+        from lora_rlhf.cli.checkpoint import write_checkpoint
 
         def fill(folder: Path) -> None:
             self._write_state(folder, interrupted=False, checkpoint=True)
@@ -273,7 +273,7 @@ class RunRecorder:
     def save_adapter(self, interrupted: bool) -> None:
         """adapter.safetensors + adapter_config.json + trainer_state.pt (each replaced
         atomically, the config last: its phase count is what ``--resume`` trusts)."""
-        from lora_rlhf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        from lora_rlhf.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
         with tempfile.TemporaryDirectory(dir=self.out, prefix=".saving-") as tmp:
             tmp = Path(tmp)
@@ -291,7 +291,7 @@ class RunRecorder:
         import torch
 
         import lora_rlhf
-        from lora_rlhf.adapters import ADAPTER_CONFIG, save_adapter
+        from lora_rlhf.adapters.files import ADAPTER_CONFIG, save_adapter
 
         trainer, args = self.trainer, self.plan.rlhf_args
         save_adapter(trainer.model, folder, base_model=args.base_model)
@@ -323,7 +323,7 @@ class RunRecorder:
         )
 
     def save_plot(self) -> Path | None:
-        from lora_rlhf.plots import plot_reward_curve
+        from lora_rlhf.cli.plots import plot_reward_curve
 
         history = self.trainer.history
         if not history:
@@ -337,8 +337,8 @@ class RunRecorder:
         )
 
     def save_adaptor_map(self) -> None:
-        """adaptor_map.png: where the adaptors changed the weights (lora_rlhf.adaptor_map)."""
-        from lora_rlhf.adaptor_map import MAP_FILE, save_adaptor_map
+        """adaptor_map.png: where the adaptors changed the weights (lora_rlhf.adapters.adaptor_map)."""
+        from lora_rlhf.adapters.adaptor_map import MAP_FILE, save_adaptor_map
 
         args = self.plan.rlhf_args
         title = (
@@ -401,7 +401,7 @@ class RunRecorder:
 
     def summary(self) -> dict[str, Any]:
         """:func:`summarize` of the history, with the KL of the fresh samples after training, their
-        number, mean reward and reward hacks (``lora_rlhf.hacking``; None for a reward without a
+        number, mean reward and reward hacks (``lora_rlhf.rlhf.hacking``; None for a reward without a
         rule)."""
         after = self.samples.get("after") or {}
         rewards, s = after.get("rewards") or [], self.plan.settings
@@ -483,7 +483,7 @@ def _kl_controller_state(trainer) -> dict[str, Any] | None:
 
 
 def _hacks_label(hacks: int, total: int) -> str:
-    return f"reward hacks {hacks} of {total} (lora_rlhf.hacking)"
+    return f"reward hacks {hacks} of {total} (lora_rlhf.rlhf.hacking)"
 
 
 def _duration(seconds: float) -> str:
@@ -500,7 +500,7 @@ def print_summary(
     interrupted: bool,
     summary: dict[str, Any] | None = None,
 ) -> None:
-    from lora_rlhf.adaptor_map import MAP_FILE
+    from lora_rlhf.adapters.adaptor_map import MAP_FILE
 
     s, out = summary or summarize(trainer.history), plan.out
     total = plan.rlhf_args.total_phases

@@ -29,7 +29,7 @@
 # The bonus is not part of the graded exercises (its checks carry no points). Do Section 2 first:
 # the last exercise builds on the library's `LoraHooks`.
 #
-# This file is generated from `src/lora_rlhf/fast_lora_bonus.py` (`lora-rlhf sync`).
+# This file is generated from `src/lora_rlhf/lessons/bonus_fast_lora.py` (`lora-rlhf sync`).
 
 # %%
 from __future__ import annotations
@@ -44,7 +44,7 @@ from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from lora_rlhf.checks import fast_bonus_checks
-from lora_rlhf.lora import LoraHooks
+from lora_rlhf.lessons.section2_lora import LoraHooks
 from lora_rlhf.models import DEFAULT_MODEL
 
 # %% tags=["parameters"]

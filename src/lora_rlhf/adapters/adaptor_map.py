@@ -1,6 +1,6 @@
 """Where the adaptors learned: the size of every update ΔW = (α/r)·A·B against its base weight.
 
-Each adaptor adds a low-rank matrix to the weight it adapts (:mod:`lora_rlhf.merge`): one per
+Each adaptor adds a low-rank matrix to the weight it adapts (:mod:`lora_rlhf.adapters.merge`): one per
 head for W_Q and W_O, one per key/value head for the real grouped ``_W_K``/``_W_V``, one for each
 MLP weight. The map reports, per layer and target, ‖ΔW‖_F / ‖W‖_F, with ΔW all of that target's
 heads together (stacked as the weight stacks them), and the singular values of the largest
@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from lora_rlhf.adapters import ATTN_TARGETS, MLP_TARGETS, adaptor_values
+from lora_rlhf.adapters.files import ATTN_TARGETS, MLP_TARGETS, adaptor_values
 
 MAP_FILE = "adaptor_map.png"
 ROWS_STACKED = ("o", "mlp_out")  # heads stacked along the weight's input axis
@@ -140,10 +140,10 @@ def adaptor_map(model: nn.Module, top: int = TOP) -> AdaptorMap:
     """The map of a LoRA model's adaptors (attention, and MLP when present).
 
     A and B are read from ``model.lora[i].lora_q/k/v/o`` (and ``model.mlp_lora``), α/r through
-    :func:`lora_rlhf.adapters.scaling_of`; the base weights are the model's own (K and V: the
+    :func:`lora_rlhf.adapters.files.scaling_of`; the base weights are the model's own (K and V: the
     grouped ``_W_K``/``_W_V``). The singular values are computed for the `top` largest updates.
     """
-    from lora_rlhf.merge import _adapted_weight
+    from lora_rlhf.adapters.merge import _adapted_weight
 
     values = adaptor_values(model)
     updates = []
@@ -168,8 +168,8 @@ def save_adaptor_map(
     model: nn.Module, path, title: str = "Where the adaptors learned"
 ) -> AdaptorMap:
     """Compute the map of `model`'s adaptors and draw it to the PNG `path`
-    (:func:`lora_rlhf.plots.plot_adaptor_map`); returns the map."""
-    from lora_rlhf.plots import plot_adaptor_map
+    (:func:`lora_rlhf.cli.plots.plot_adaptor_map`); returns the map."""
+    from lora_rlhf.cli.plots import plot_adaptor_map
 
     amap = adaptor_map(model)
     plot_adaptor_map(amap, path, title=title)

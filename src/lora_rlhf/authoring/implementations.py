@@ -69,7 +69,7 @@ def load_module(path: Path) -> ModuleType:
 def load_impl(spec: str | Path = "library", require: tuple[str, ...] = REQUIRED) -> ModuleType:
     """The module whose `Lora`, `LoraHooks`, `TransformerWithValueHeadLora` are under test."""
     if str(spec) == "library":
-        from lora_rlhf import lora
+        import lora_rlhf.lessons.section2_lora as lora
 
         return lora
     path = resolve_path(spec)

@@ -22,7 +22,7 @@ Two facts make the conversion exact:
 
 MLP adaptors map one to one: ``mlp_in`` → ``up_proj``, ``mlp_gate`` → ``gate_proj``,
 ``mlp_out`` → ``down_proj`` (rank r, α as ours). The value head has no PEFT counterpart and is
-not exported (save it with :func:`lora_rlhf.adapters.save_adapter`).
+not exported (save it with :func:`lora_rlhf.adapters.files.save_adapter`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.adapters import adaptor_values, lora_targets, rank_and_alpha
+from lora_rlhf.adapters.files import adaptor_values, lora_targets, rank_and_alpha
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -322,7 +322,7 @@ def export_peft(
     Args:
         model: a LoRA model on a Llama-architecture base (``smollm2-135m``, ``tiny-llama``, …).
         out_dir: the folder for ``adapter_model.safetensors`` and ``adapter_config.json`` (use
-            another folder than :func:`~lora_rlhf.adapters.save_adapter`'s: both write an
+            another folder than :func:`~lora_rlhf.adapters.files.save_adapter`'s: both write an
             ``adapter_config.json``).
         hf_model: the transformers model holding the same weights; needed only for a base model
             other than the embedded and tiny ones (to read its norm weights).

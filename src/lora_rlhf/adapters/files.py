@@ -400,9 +400,9 @@ def load_lora_model(
     config = read_adapter_config(path)
     read_adapter_weights(path)  # a damaged file stops here, before the base model is loaded
     if any(t in MLP_TARGETS for t in config["targets"]):
-        from lora_rlhf.mlp_lora import TransformerWithValueHeadMlpLora as model_class
+        from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora as model_class
     else:
-        from lora_rlhf.lora import TransformerWithValueHeadLora as model_class
+        from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora as model_class
     model = model_class.from_pretrained(
         config["base_model"],
         lora_alpha=config["lora_alpha"],
