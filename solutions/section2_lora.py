@@ -76,7 +76,6 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from lora_rlhf import tests_lora
 from lora_rlhf.models import DEFAULT_MODEL
 from lora_rlhf.models.devices import default_device
 from lora_rlhf.rlhf.args import RLHFArgs
@@ -170,6 +169,8 @@ class Lora(nn.Module):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     tests_lora.testing_lora(Lora)
 
 # %% [markdown]
@@ -294,6 +295,8 @@ class LoraHooks(nn.Module):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     tests_lora.testing_lora_hooks(LoraHooks)
     tests_lora.testing_lora_hooks_qkv_dispatch_and_out(LoraHooks)
 
@@ -386,6 +389,8 @@ class TransformerWithValueHeadLora(HookedTransformerWithValueHead):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     _model = TransformerWithValueHeadLora.from_pretrained("tiny-llama")
     tests_lora.test_lora_fwd_hooks_list(_model)
     tests_lora.test_lora_model_forward_methods(_model)
@@ -449,6 +454,8 @@ class RLHFTrainerLora(RLHFTrainer):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     tests_lora.test_rlhf_trainer_lora(RLHFTrainerLora, TransformerWithValueHeadLora, RLHFArgsLora)
 
 # %%

@@ -1,7 +1,7 @@
 """Checks of the GRPO bonus (``section3_grpo.py``): group advantages, the k3 estimator, the GRPO
 objective and `GRPOTrainerLora`.
 
-They live in their own registry, :data:`GRPO_CHECKS` (read it with :func:`grpo_checks_for`), not
+They live in their own registry, :data:`GRPO` (read it with ``GRPO.for_exercise``), not
 in :data:`lora_rlhf.checks.core.CHECKS`: ``checks_for()`` stays Section 2's 100-point rubric.
 Their points (:data:`BONUS_POINTS` in all) are optional bonus points on top of those 100.
 Every judge compares with references written here, in float64, from the formulas (or from the
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import torch
 
-from lora_rlhf.checks.core import Check, CheckFailed, check, expect
+from lora_rlhf.authoring.implementations import SECTIONS, given_class
+from lora_rlhf.checks.core import CheckFailed, Registry, expect
 from lora_rlhf.checks.reference import (
     ALPHA,
     RANK,
@@ -33,27 +33,12 @@ from lora_rlhf.checks.reference import (
 )
 from lora_rlhf.rlhf.trainer import build_trainer
 
-GRPO_FILE = "section3_grpo.py"
+GRPO_FILE = SECTIONS["grpo"][0]
 GRPO_EXERCISES = ("group_advantages", "calc_kl_k3", "calc_grpo_objective", "GRPOTrainerLora")
-GRPO_CHECKS: dict[str, Check] = {}
-BONUS = True  # these points are optional: they come on top of Section 2's 100
-
-
-def grpo_check(exercise: str, points: float, needs: tuple[str, ...] = ()):
-    """Register a GRPO check (probe, then ``@probe.judge``) into GRPO_CHECKS only."""
-    return check(exercise, points, needs, registry=GRPO_CHECKS)
-
-
-def grpo_checks_for(exercise: str | None = None) -> list[Check]:
-    return [c for c in GRPO_CHECKS.values() if exercise is None or c.exercise == exercise]
-
-
-def load_grpo_impl(spec: str | Path = "library") -> ModuleType:
-    """The module whose GRPO code is under test: ``library``, ``solutions``, ``exercises``, a
-    folder holding ``section3_grpo.py``, or a ``.py`` file."""
-    from lora_rlhf.authoring.implementations import load_section
-
-    return load_section(spec, GRPO_FILE, "lora_rlhf.lessons.section3_grpo")
+GRPO = Registry("grpo")
+GRPO_CHECKS = GRPO.checks  # the names the grader reads
+grpo_check = GRPO.check
+grpo_checks_for = GRPO.for_exercise
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,11 +369,7 @@ TRAINER_NEEDS = ("GRPOTrainerLora",)
 
 
 def _args(impl, **overrides):
-    from lora_rlhf.lessons.section3_grpo import GRPOArgsLora as LibraryArgs
-
-    args_cls = getattr(impl, "GRPOArgsLora", None)
-    if not isinstance(args_cls, type):
-        args_cls = LibraryArgs
+    args_cls = given_class(impl, "GRPOArgsLora")
     settings = dict(
         base_model=MODEL,
         total_phases=2,

@@ -1,8 +1,8 @@
 """Checks of the bonus exercises (``bonus_mlp_lora.py``): `MlpLoraHooks` and
 `TransformerWithValueHeadMlpLora`.
 
-They are registered in their own registry, :data:`BONUS_CHECKS` (read it with
-:func:`bonus_checks_for`), not in :data:`lora_rlhf.checks.core.CHECKS`: ``checks_for()`` stays the
+They are registered in their own registry, :data:`MLP` (read it with
+``MLP.for_exercise``), not in :data:`lora_rlhf.checks.core.CHECKS`: ``checks_for()`` stays the
 graded 100-point rubric of Section 2, whose submissions do not define the bonus classes. Each check
 carries 0 points.
 """
@@ -10,14 +10,14 @@ carries 0 points.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
 
 import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from lora_rlhf.checks.core import Check, CheckFailed, check, expect
+from lora_rlhf.authoring.implementations import SECTIONS
+from lora_rlhf.checks.core import CheckFailed, Registry, expect
+from lora_rlhf.checks.notebook import run_exercise
 from lora_rlhf.checks.reference import (
     ALPHA,
     RANK,
@@ -36,28 +36,18 @@ from lora_rlhf.checks.reference import (
 from lora_rlhf.models import load_model
 from lora_rlhf.models.registry import tiny_config
 
-BONUS_FILE = "bonus_mlp_lora.py"
+BONUS_FILE = SECTIONS["mlp"][0]
 MLP_ATTRS = {"mlp_in": "lora_in", "mlp_gate": "lora_gate", "mlp_out": "lora_out"}
 LAYER = 1
 
-BONUS_CHECKS: dict[str, Check] = {}
+MLP = Registry("mlp")
+BONUS_CHECKS = MLP.checks
+bonus_checks_for = MLP.for_exercise
 
 
 def bonus_check(exercise: str, needs: tuple[str, ...] = ()):
-    """Like :func:`lora_rlhf.checks.core.check` (0 points), registering into BONUS_CHECKS."""
-    return check(exercise, points=0, needs=needs, registry=BONUS_CHECKS)
-
-
-def bonus_checks_for(exercise: str | None = None) -> list[Check]:
-    return [c for c in BONUS_CHECKS.values() if exercise is None or c.exercise == exercise]
-
-
-def load_bonus_impl(spec: str | Path = "library") -> ModuleType:
-    """The module whose bonus classes are under test: ``library``, ``solutions``, ``exercises``,
-    a folder holding ``bonus_mlp_lora.py``, or a ``.py`` file."""
-    from lora_rlhf.authoring.implementations import load_section
-
-    return load_section(spec, BONUS_FILE, "lora_rlhf.lessons.bonus_mlp_lora")
+    """A 0-point check of the MLP bonus (see :meth:`lora_rlhf.checks.core.Registry.check`)."""
+    return MLP.check(exercise, 0, needs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,19 +441,13 @@ def judge_mlp_model_forward(out):
 
 def testing_mlp_lora_hooks(MlpLoraHooks) -> None:
     """Shapes (gated and plain MLP), hook names, dispatch, the out-hook, hooked == merged."""
-    from lora_rlhf.tests_lora import _run
-
-    _run(
-        bonus_checks_for("MlpLoraHooks"), SimpleNamespace(MlpLoraHooks=MlpLoraHooks), "MlpLoraHooks"
-    )
+    run_exercise(MLP.for_exercise("MlpLoraHooks"), "MlpLoraHooks", MlpLoraHooks=MlpLoraHooks)
 
 
 def testing_mlp_lora_model(TransformerWithValueHeadMlpLora) -> None:
     """Parameters and the hooked forward of a TransformerWithValueHeadMlpLora on tiny-llama."""
-    from lora_rlhf.tests_lora import _run
-
-    _run(
-        bonus_checks_for("TransformerWithValueHeadMlpLora"),
-        SimpleNamespace(TransformerWithValueHeadMlpLora=TransformerWithValueHeadMlpLora),
+    run_exercise(
+        MLP.for_exercise("TransformerWithValueHeadMlpLora"),
         "TransformerWithValueHeadMlpLora",
+        TransformerWithValueHeadMlpLora=TransformerWithValueHeadMlpLora,
     )
