@@ -86,6 +86,10 @@ class Registry:
 
 
 SECTION2 = Registry("section2")
+# The bonus sections' registries (0 points, or optional points on top of Section 2's 100)
+GRPO = Registry("grpo")
+MLP = Registry("mlp")
+FAST = Registry("fast")
 CHECKS: dict[str, Check] = SECTION2.checks
 
 

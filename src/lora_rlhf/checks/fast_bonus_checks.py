@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from lora_rlhf.authoring.implementations import SECTIONS
-from lora_rlhf.checks.core import CheckFailed, Registry, expect
+from lora_rlhf.checks.core import FAST, CheckFailed, expect
 from lora_rlhf.checks.counting import ProductCounter
 from lora_rlhf.checks.notebook import run_exercise
 from lora_rlhf.checks.reference import (
@@ -32,7 +32,6 @@ from lora_rlhf.checks.reference import (
 from lora_rlhf.models import load_model
 
 FAST_FILE = SECTIONS["fast"][0]
-FAST = Registry("fast")
 FAST_CHECKS = FAST.checks
 fast_checks_for = FAST.for_exercise
 fast_check = FAST.judged  # several judges read one probe; 0 points each
