@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+
 from lora_rlhf.checks.all_checks import checks_for
 from lora_rlhf.checks.core import Check
 from lora_rlhf.checks.notebook import run_checks as _run
+from lora_rlhf.checks.trainer_checks import SMOKE
 
 # Checks whose message names a specific mistake run before the broad comparisons with the merged
 # model, so a listed failure starts with its most telling diagnosis.
@@ -104,3 +107,19 @@ def _run_on_model(checks, model, what):
     # so checks never see each other's changes.
     impl = SimpleNamespace(TransformerWithValueHeadLora=type(model), LoraHooks=type(model.lora[0]))
     _run(checks, impl, what)
+
+
+def smoke_run(model_name: str, RLHFTrainerLora, RLHFArgsLora) -> None:
+    """The graded smoke run's settings on `model_name` (the notebook's model, any size): two phases
+    must train the adaptors of one model that is its own reference."""
+    args = RLHFArgsLora(base_model=model_name, **SMOKE)
+    trainer = RLHFTrainerLora(args)
+    assert trainer.ref_model is trainer.model, (
+        "ref_model must be the policy itself: its plain forward is π_ref, no second copy"
+    )
+    before = [p.detach().clone() for p in trainer.model.lora_params()]
+    trainer.train()
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.lora_params(), before)), (
+        "two phases of training changed no adaptor parameter: is the optimizer given lora_params()?"
+    )
+    print(f"Smoke run on {model_name} finished: the adaptors trained, one copy of the model.")
