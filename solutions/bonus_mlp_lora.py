@@ -49,7 +49,6 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from lora_rlhf.checks import mlp_checks
 from lora_rlhf.lessons.section2_lora import FwdHook, Lora, TransformerWithValueHeadLora
 
 # %% [markdown]
@@ -153,6 +152,8 @@ class MlpLoraHooks(nn.Module):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf.checks import mlp_checks
+
     mlp_checks.testing_mlp_lora_hooks(MlpLoraHooks)
 
 # %% [markdown]
@@ -195,4 +196,6 @@ class TransformerWithValueHeadMlpLora(TransformerWithValueHeadLora):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf.checks import mlp_checks
+
     mlp_checks.testing_mlp_lora_model(TransformerWithValueHeadMlpLora)

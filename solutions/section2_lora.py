@@ -30,37 +30,29 @@ if importlib.util.find_spec("lora_rlhf") is None and (
 # %% [markdown]
 # # Section 2 — LoRA inside RLHF
 #
-# **What you will be able to do by the end of this section**
-#
+# **By the end of this section you can:**
 # * explain why a fine-tuning update can be low-rank, and write a LoRA adaptor `(α/r)·x A B`;
 # * apply adaptors to a frozen TransformerLens model through hooks, grouped-query attention included;
 # * use *one* model as both the policy (adaptors on) and PPO's reference policy (adaptors off);
 # * train the adaptors with Section 1's PPO loop, and merge them into the weights afterwards.
 #
-# In Section 1 PPO fine-tuned every weight of the policy, so the KL penalty needed a second,
-# frozen copy of the model as the reference policy π_ref. Here we freeze the base weights and
-# train only small **low-rank adaptors** (LoRA, Hu et al. 2021) on the attention projections
-# W_Q, W_K, W_V and W_O. Because the base weights never change, *the same model with its adaptors
-# switched off* is π_ref: one copy of the weights in memory instead of two.
-#
-# A LoRA adaptor replaces a frozen map `x ↦ x W` by `x ↦ x W + (α/r) · x A B` where
-# `A: [d_in, r]` and `B: [r, d_out]` with a small rank `r`. Only A and B are trained.
+# Section 1's PPO tuned every weight, so its KL penalty needed a second, frozen copy of the model
+# as the reference policy π_ref. Here the base weights stay frozen and only small **low-rank
+# adaptors** (LoRA, Hu et al. 2021) on W_Q, W_K, W_V and W_O train: a frozen map `x ↦ x W` becomes
+# `x ↦ x W + (α/r)·x A B`, with `A: [d_in, r]`, `B: [r, d_out]` and a small rank r. With its
+# adaptors switched off the model *is* π_ref: one copy of the weights in memory instead of two.
 #
 # **Why can the update be low-rank?** A pretrained model already holds the features a new task
-# needs; fine-tuning mostly re-weights a few directions among them. Studies of fine-tuning
-# (Aghajanyan et al. 2020, "intrinsic dimension"; Hu et al. 2021) found that a small subspace
-# suffices: the change ΔW = W_tuned − W is close to a matrix of low rank. So a product A B of rank
-# r ≪ d (here r = 4, d = 576) can stand in for it, with r·(d_in + d_out) trained numbers per
-# matrix instead of d_in·d_out.
+# needs; fine-tuning mostly re-weights a few directions, and W_tuned − W is close to low rank
+# (Aghajanyan et al. 2020, "intrinsic dimension"; Hu et al. 2021). So A B of rank r ≪ d (here r = 4,
+# d = 576) can stand in for it: r·(d_in + d_out) trained numbers per matrix, not d_in·d_out.
 #
-# **Merging: inference for free.** After training, `W + (α/r) A B` is one ordinary matrix of W's
-# shape. Write it into the weights and the adaptors can go: the tuned model is exactly as fast as
-# the base model (`lora-rlhf train` saves the adaptors; `lora_rlhf.adapters.merge` merges them). During
-# training we keep them apart instead, since switching them off is what gives us π_ref.
+# **Merging: inference for free.** After training, `W + (α/r) A B` is one matrix of W's shape:
+# merged into the weights (`lora_rlhf.adapters.merge`), the tuned model is as fast as the base one.
+# In training they stay apart: switching the adaptors off is what gives us π_ref.
 #
-# This file is generated from `src/lora_rlhf/lessons/section2_lora.py` (`lora-rlhf sync`). Most of the code is
-# given; you write the eight methods that raise `NotImplementedError`. Each exercise ends with
-# the check that tests it: run its cell, or run the pytest suite.
+# You write the eight methods that raise `NotImplementedError`; each exercise ends with the cell
+# that checks it. (Generated from `src/lora_rlhf/lessons/section2_lora.py` by `lora-rlhf sync`.)
 
 # %%
 import math
@@ -76,10 +68,9 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from lora_rlhf import tests_lora
 from lora_rlhf.models import DEFAULT_MODEL
 from lora_rlhf.models.devices import default_device
-from lora_rlhf.rlhf.args import RLHFArgs
+from lora_rlhf.rlhf.args import RLHFArgs, check_lora_settings
 from lora_rlhf.rlhf.ppo import get_optimizer_and_scheduler
 from lora_rlhf.rlhf.trainer import RLHFTrainer
 from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
@@ -88,47 +79,29 @@ FwdHook = tuple[str, Callable]
 device = default_device()
 
 
-def check_lora_settings(lora_alpha: float, **sizes: int) -> None:
-    """A clear error for a rank, size or α that cannot make an adaptor (given, not an exercise)."""
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
-
-
 # %% tags=["parameters"]
-# The model the smoke run at the end trains: the embedded model by default. For a quick run set
-# the environment variable LORA_RLHF_NOTEBOOK_MODEL=tiny-llama, or change it here.
+# The smoke run's model at the end: the embedded one (LORA_RLHF_NOTEBOOK_MODEL=tiny-llama: quicker).
 NOTEBOOK_MODEL = os.environ.get("LORA_RLHF_NOTEBOOK_MODEL", DEFAULT_MODEL)
 
 
 # %% [markdown]
 # ## Exercise 1 — `Lora`: n independent low-rank maps
 #
-# A module holding `n_inst` independent adaptors (one per attention head, later). `__init__`
-# is given up to the sizes it keeps (`rank`, `d_in`, `d_out`, `n_inst`, `lora_alpha`, `dtype`:
-# the library's fast path, merging and saving read them by these names). You write:
+# `n_inst` independent adaptors (later: one per attention head). `__init__` is given up to the
+# sizes it keeps (the fast path, merging and saving read them by these names). You write:
 #
-# * the parameters `A: [n_inst, d_in, rank]`, initialised with
-#   `nn.init.kaiming_uniform_(A, a=math.sqrt(5))` (the init `nn.Linear` uses), and
-#   `B: [n_inst, rank, d_out]`, initialised to **zeros**, both with `dtype`. With B = 0 the adaptor
-#   starts as the identity change: training begins from the pretrained model. (A must not be zero
-#   too: then no gradient would ever reach B, nor A.)
-# * `forward(x: [..., inst, d_in]) -> [..., n_inst, d_out]` computes `(x @ A) @ B · lora_alpha / rank`
-#   for every instance, e.g. with two `einops.einsum`s. An `inst` axis of size 1 stands for the same
-#   input to every instance (broadcast it); any other size that is not `n_inst` is an error with a
-#   clear message. Cast `x` to the parameters' dtype first.
+# * `A: [n_inst, d_in, rank]` (init `nn.init.kaiming_uniform_(A, a=math.sqrt(5))`, as `nn.Linear`)
+#   and `B: [n_inst, rank, d_out]` of **zeros**, both of `dtype`: the adaptor starts as no change,
+#   so training begins from the pretrained model (a zero A too would stop every gradient);
+# * `forward(x: [..., inst, d_in]) -> [..., n_inst, d_out]`: `(x @ A) @ B · lora_alpha / rank` per
+#   instance (two `einops.einsum`s; cast `x` to the parameters' dtype first). An `inst` axis of
+#   size 1 is one input for every instance (broadcast it); any other size but `n_inst` is an error.
 #
-# Why **(xA)B** and never **x(AB)**? `A @ B` is a full `d_in × d_out` matrix: forming it costs
-# d_in·r·d_out multiply-adds and d_in·d_out memory, which is what LoRA exists to avoid. Multiplying
-# x by A first keeps every intermediate of width r.
+# **Why (xA)B, never x(AB)?** `A @ B` is a full `d_in × d_out` matrix (d_in·r·d_out multiply-adds,
+# d_in·d_out memory): what LoRA exists to avoid. x A first keeps every intermediate r wide.
 #
-# Why **no bias**? The frozen layer already has its bias; a trainable one would not be low-rank
-# and would double what the adaptor can shift.
-#
-# Why **α/r**? The scale keeps the size of the update roughly independent of the rank, so the
-# learning rate need not be re-tuned when r changes.
+# **Why no bias?** The frozen layer has its bias; a trainable one would not be low-rank. **Why
+# α/r?** It keeps the update's size roughly independent of r: no new learning rate for a new rank.
 
 
 # %%
@@ -170,13 +143,15 @@ class Lora(nn.Module):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     tests_lora.testing_lora(Lora)
 
 # %% [markdown]
 # ## Exercise 2 — `LoraHooks`: adaptors on one attention layer, applied through hooks
 #
-# TransformerLens exposes every intermediate of the attention layer as a hook point. For layer
-# `i` we add four `Lora`s and six hooks:
+# TransformerLens exposes every intermediate of attention as a hook point. Layer `i` gets four
+# `Lora`s and six hooks:
 #
 # | hook | what it does |
 # |---|---|
@@ -185,46 +160,35 @@ if __name__ == "__main__":
 # | `blocks.{i}.attn.hook_z` | store z, the per-head attention output, in `cache_z` (given) |
 # | `blocks.{i}.hook_attn_out` | add `lora_o(z)` summed over heads (`lora_hook_out`) |
 #
-# Given: the sizes `__init__` keeps, the two store hooks (they return nothing, so the activation
-# passes on unchanged) and `list_fwd_hooks`. You write the four adaptors in `__init__` and the two
-# hooks that add (they return the new activation). Shapes: `lora_q` has one instance per query
-# head and maps d_model → d_head; `lora_o` has one per query head and maps d_head → d_model.
+# Given: the sizes, the two store hooks (returning nothing, they leave the activation as is) and
+# `list_fwd_hooks`. You write the four adaptors (`lora_q`, `lora_o`: one instance per query head,
+# d_model → d_head and d_head → d_model) and the two adding hooks, which return the new activation;
+# `lora_hook_qkv` dispatches on `hook.name` (`hook_q`, `hook_k`, `hook_v`; else a `ValueError`).
 #
-# **Grouped-query attention.** Models such as Llama and SmolLM2 have fewer key/value heads than
-# query heads (SmolLM2: 9 query heads share 3 K/V heads). The real weights `_W_K`, `_W_V` have
-# `n_key_value_heads` heads; `W_K` and `W_V` are the same weights *repeated* to one per query
-# head. `hook_k`/`hook_v` see `[batch, pos, n_key_value_heads, d_head]` (the sharing happens after
-# the hook). So `lora_k` and `lora_v` get **`n_kv_heads`** instances: one adaptor per real K/V
-# weight, not per query head. The next cell shows both shapes on the notebook's model.
+# **Grouped-query attention.** Llama and SmolLM2 have fewer key/value heads than query heads
+# (SmolLM2: 9 query heads share 3 K/V heads). The real weights `_W_K`, `_W_V` have
+# `n_key_value_heads` heads; `W_K`, `W_V` repeat them to one per query head, and `hook_k`/`hook_v`
+# see `[batch, pos, n_key_value_heads, d_head]` (the sharing comes after the hook). So `lora_k`
+# and `lora_v` get **`n_kv_heads`** instances, one per real K/V weight (the next cell shows both).
+# q, k and v all read the same x: as `[batch, pos, 1, d_model]`, `Lora` broadcasts it over heads.
 #
-# **One input for every head.** q, k and v all read the same x, `[batch, pos, d_model]`: give it
-# an `inst` axis of size 1 (`[batch, pos, 1, d_model]`) and `Lora` broadcasts it over the heads.
+# **Why sum W_O over heads?** Attention's output is `Σ_h z_h W_O[h]`: every head writes into the
+# residual stream and the writes add up. So the adaptor adds `Σ_h (α/r) z_h A_o[h] B_o[h]`, that
+# is `lora_o(z)` summed over its head axis (or the sum inside the second contraction,
+# `"... head rank, head rank d_model -> ... d_model"`, never forming per-head outputs).
 #
-# **Why sum W_O over heads?** Attention's output is `Σ_h z_h W_O[h]`: every head writes
-# into the residual stream and the writes add up. The adaptor of W_O[h] must do the same:
-# `Σ_h (α/r) z_h A_o[h] B_o[h]`, i.e. `lora_o(z)` summed over its head axis. (You may also put
-# the sum inside the second contraction, `"... head rank, head rank d_model -> ... d_model"`,
-# which never forms the per-head `[batch, pos, head, d_model]` outputs.)
-#
-# `lora_hook_qkv` serves three hook points: dispatch on the hook's name (`hook.name` ends with
-# `hook_q`, `hook_k` or `hook_v`), and raise `ValueError` for any other name.
-#
-# **Why only attention?** The original LoRA paper adapted only the attention projections and
-# found it enough for many tasks; it also keeps this section short. The MLP layers hold most of a
-# transformer's weights, and adapting them too often helps: that is the optional bonus exercise
-# *LoRA on the MLP* (`section_mlp_lora`). How the library makes these six hooks cheap (fewer,
-# larger products) is the bonus *Making LoRA fast*; here, write them plainly.
+# **Why only attention?** The LoRA paper adapted only the attention projections and found it
+# enough for many tasks; it keeps this section short. The MLP holds most of the weights and adapting
+# it often helps: the bonus *LoRA on the MLP*. Cheap hooks are the bonus *Making LoRA fast*.
 
 # %%
 if __name__ == "__main__":
     _demo = HookedTransformerWithValueHead.from_pretrained(NOTEBOOK_MODEL, use_value_head=False)
-    _attn = _demo.blocks[0].attn
-    print(
-        f"{NOTEBOOK_MODEL}: {_demo.cfg.n_heads} query heads, K/V heads: {_demo.cfg.n_key_value_heads}"
-    )
+    _attn, _cfg = _demo.blocks[0].attn, _demo.cfg
+    print(f"{NOTEBOOK_MODEL}: {_cfg.n_heads} query heads, {_cfg.n_key_value_heads} K/V heads")
     print("the real K weight _W_K:", tuple(getattr(_attn, "_W_K", _attn.W_K).shape))
     print("W_K, one per query head:", tuple(_attn.W_K.shape))
-    del _demo, _attn
+    del _demo, _attn, _cfg
 
 
 # %%
@@ -294,37 +258,29 @@ class LoraHooks(nn.Module):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     tests_lora.testing_lora_hooks(LoraHooks)
     tests_lora.testing_lora_hooks_qkv_dispatch_and_out(LoraHooks)
 
 # %% [markdown]
 # ## Exercise 3 — `TransformerWithValueHeadLora`: the policy, its value head and its reference
 #
-# A subclass of Section 1's `HookedTransformerWithValueHead`. Given:
+# A subclass of Section 1's `HookedTransformerWithValueHead`. Given: `from_pretrained(name,
+# lora_alpha=32, rank=4, ...)` loads the model, calls `setup_lora`, then **freezes every base
+# parameter**; `fwd_hooks` is the LoRA hooks, then the value-head hook; the parameter generators
+# (iterate once, or wrap in `list(...)`) include `get_base_model_trainable_params()`, which yields
+# LoRA's, so Section 1's optimizer trains only LoRA + value head. You write:
 #
-# * `from_pretrained(name, lora_alpha=32, rank=4, ...)` loads the model, calls `setup_lora`, then
-#   **freezes every base parameter**;
-# * `fwd_hooks` (a property, read at call time): the LoRA hooks followed by the value-head hook;
-# * `base_model_params()` (every parameter but the adaptors and the value head), `lora_params()`,
-#   `get_value_head_params()`, and `get_base_model_trainable_params()`, which returns the LoRA
-#   parameters, so Section 1's optimizer trains only LoRA + value head. They return generators:
-#   iterate over them once, or wrap them in `list(...)`.
+# * `setup_lora(lora_alpha=32, rank=4)`: `self.lora`, an `nn.ModuleList` of one `LoraHooks` per
+#   layer (the model's dtype, on its device), and `self.lora_fwd_hooks`, their hooks layer by layer;
+# * `forward_with_value_head(tokens) -> (logits, values)`: one forward pass with `self.fwd_hooks`;
+# * `generate(tokens, **kwargs)`: the base class's generate under the LoRA hooks (samples come from
+#   the adapted policy). Attach hooks with `with self.hooks(fwd_hooks=...):`, so they never outlive
+#   the call, even if it raises.
 #
-# You write:
-#
-# * `setup_lora(lora_alpha=32, rank=4)` builds `self.lora` (an `nn.ModuleList` of one `LoraHooks`
-#   per layer, with the model's dtype, on the model's device) and `self.lora_fwd_hooks` (all their
-#   hooks, layer by layer);
-# * `forward_with_value_head(tokens)` returns `(logits, values)` from one forward pass run with
-#   `self.fwd_hooks`: the policy with its adaptors, and the value head's output;
-# * `generate(tokens, **kwargs)` runs the base class's generate with the LoRA hooks, so samples
-#   come from the adapted policy.
-#
-# Attach hooks with `with self.hooks(fwd_hooks=...):` so they never outlive the call, even when
-# it raises.
-#
-# **Why no second model?** Plain `forward` runs without any hook: it *is* the frozen base model,
-# π_ref. The KL penalty compares the hooked forward (π) with the plain forward (π_ref) of one model.
+# **Why no second model?** Plain `forward` runs without hooks: it *is* the frozen base model, π_ref.
+# The KL penalty compares the hooked forward (π) with the plain forward (π_ref) of one model.
 
 
 # %%
@@ -386,6 +342,8 @@ class TransformerWithValueHeadLora(HookedTransformerWithValueHead):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     _model = TransformerWithValueHeadLora.from_pretrained("tiny-llama")
     tests_lora.test_lora_fwd_hooks_list(_model)
     tests_lora.test_lora_model_forward_methods(_model)
@@ -394,9 +352,8 @@ if __name__ == "__main__":
 # ## Training with LoRA, using the same model as the reference policy (given)
 #
 # `RLHFArgsLora` adds the adaptor's rank, α and dtype. `RLHFTrainerLora` builds a
-# `TransformerWithValueHeadLora` and uses **the same object** as the reference model: Section 1's
-# trainer computes reference logits with `ref_model`'s plain `forward`, which has no adaptors.
-# Everything else (`train`, the rollout and learning phases) is Section 1's.
+# `TransformerWithValueHeadLora` and makes **the same object** the reference model: Section 1's
+# trainer takes reference logits from `ref_model`'s plain `forward`, which has no adaptors.
 
 
 # %%
@@ -420,50 +377,26 @@ class RLHFTrainerLora(RLHFTrainer):
     def __init__(self, args: RLHFArgsLora):
         torch.manual_seed(args.seed)
         self.args = args
-        self.run_name = (
-            f"{args.wandb_project_name}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-        )
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_name = f"{args.wandb_project_name}__seed{args.seed}__{stamp}"
         run_device = torch.device(args.device) if args.device else device
-        self.model = (
-            self.model_class.from_pretrained(
-                args.base_model,
-                lora_alpha=args.lora_alpha,
-                rank=args.lora_rank,
-                device=run_device,
-                dtype=args.dtype,
-            )
-            .to(run_device)
-            .train()
-        )
-        self.ref_model = self.model
+        sizes = dict(lora_alpha=args.lora_alpha, rank=args.lora_rank, dtype=args.dtype)
+        model = self.model_class.from_pretrained(args.base_model, device=run_device, **sizes)
+        self.model = model.to(run_device).train()
+        self.ref_model = self.model  # the same object: its plain forward is π_ref
         self.optimizer, self.scheduler = get_optimizer_and_scheduler(self.args, self.model)
         self.prefix_len = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos).shape[-1]
 
 
 # %% [markdown]
-# **The course's smoke run.** Two short phases with your classes: the KL penalty off, a high
-# learning rate, rewarding full stops. It checks that everything fits together, not that the
-# reward rises (that takes `lora-rlhf train --impl exercises`). The check runs the graded smoke
-# run on tiny-llama; the cell after it runs the same settings on `NOTEBOOK_MODEL`.
+# **The course's smoke run.** Two short phases of your classes (no KL penalty, a high learning rate,
+# rewarding full stops), graded on tiny-llama, then on `NOTEBOOK_MODEL`: everything fits together.
+# (Whether the reward rises takes longer: `lora-rlhf train --impl exercises`.)
 
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_lora
+
     tests_lora.test_rlhf_trainer_lora(RLHFTrainerLora, TransformerWithValueHeadLora, RLHFArgsLora)
-
-# %%
-if __name__ == "__main__":
-    _args = RLHFArgsLora(
-        base_model=NOTEBOOK_MODEL, kl_coef=0.0, total_phases=2, warmup_steps=0, base_lr=1e-3,
-        batch_size=8, num_minibatches=2, gen_len=8,
-    )  # fmt: skip
-    _trainer = RLHFTrainerLora(_args)
-    assert _trainer.ref_model is _trainer.model, (
-        "ref_model must be the policy itself: its plain forward is π_ref, no second copy"
-    )
-    _params_before = [p.detach().clone() for p in _trainer.model.lora_params()]
-    _trainer.train()
-    assert any(
-        not torch.equal(p, q) for p, q in zip(_trainer.model.lora_params(), _params_before)
-    ), "two phases of training changed no adaptor parameter: is the optimizer given lora_params()?"
-    print(f"Smoke run on {NOTEBOOK_MODEL} finished: the adaptors trained, one copy of the model.")
+    tests_lora.smoke_run(NOTEBOOK_MODEL, RLHFTrainerLora, RLHFArgsLora)

@@ -59,7 +59,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from lora_rlhf import tests_grpo
 from lora_rlhf.fast.memory import lean_heap, release_freed_memory
 from lora_rlhf.fast.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
 from lora_rlhf.lessons.section2_lora import (
@@ -68,7 +67,7 @@ from lora_rlhf.lessons.section2_lora import (
     TransformerWithValueHeadLora,
 )
 from lora_rlhf.rlhf.args import ArgsError
-from lora_rlhf.rlhf.ppo import get_optimizer_and_scheduler
+from lora_rlhf.rlhf.ppo import get_optimizer_and_scheduler, minibatch_indices
 
 # %% [markdown]
 # ## Exercise G1 — group advantages (GRPO and RLOO)
@@ -119,6 +118,8 @@ def group_advantages(
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_grpo
+
     tests_grpo.testing_group_advantages(group_advantages)
 
 # %% [markdown]
@@ -150,6 +151,8 @@ def calc_kl_k3(
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_grpo
+
     tests_grpo.testing_kl_k3(calc_kl_k3)
 
 # %% [markdown]
@@ -193,6 +196,8 @@ def calc_grpo_objective(
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_grpo
+
     tests_grpo.testing_grpo_objective(calc_grpo_objective)
 
 # %% [markdown]
@@ -261,20 +266,19 @@ class GroupMemory:
 
     def get_minibatches(self) -> list[GroupMinibatch]:
         """`batches_per_learning_phase` shuffles of the batch, each cut into `num_minibatches`."""
-        args = self.args
-        minibatches = []
-        for _ in range(args.batches_per_learning_phase):
-            order = torch.randperm(args.batch_size, device=self.sample_ids.device)
-            for rows in order.reshape(args.num_minibatches, -1):
-                minibatches.append(
-                    GroupMinibatch(
-                        self.sample_ids[rows],
-                        self.logprobs[rows],
-                        self.ref_logprobs[rows],
-                        self.advantages[rows],
-                    )
-                )
-        return minibatches
+        args, memory = (
+            self.args,
+            (self.sample_ids, self.logprobs, self.ref_logprobs, self.advantages),
+        )
+        return [
+            GroupMinibatch(*(t[rows] for t in memory))
+            for rows in minibatch_indices(
+                args.batch_size,
+                args.num_minibatches,
+                args.batches_per_learning_phase,
+                self.sample_ids.device,
+            )
+        ]
 
 
 # %%
@@ -382,4 +386,6 @@ class GRPOTrainerLora(RLHFTrainerLora):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf import tests_grpo
+
     tests_grpo.testing_grpo_trainer(GRPOTrainerLora)

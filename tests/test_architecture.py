@@ -46,10 +46,6 @@ LAYERS = {
 # The circles the move could not undo mechanically, each with its fix in reorg-plan.md; a circle
 # not listed here is new. Delete an entry when its fix lands (the test then guards it).
 KNOWN_CIRCLES = {
-    "lessons import their check runner at module level; checks import the Section 2 lesson":
-        {"lora_rlhf.lessons.section2_lora", "lora_rlhf.tests_lora"},
-    "the GRPO lesson imports tests_grpo at module level; grpo_checks imports the lesson":
-        {"lora_rlhf.lessons.section3_grpo", "lora_rlhf.tests_grpo"},
     "train's settings, outputs and run files import each other":
         {"lora_rlhf.cli.settings", "lora_rlhf.cli.outputs"},
     "grading.bonus imports the grader's privates; the grader imports bonus":
@@ -176,7 +172,6 @@ def test_imports_point_down_the_layers():
     assert wrong == [], "\n".join(sorted(wrong))
 
 
-@pytest.mark.xfail(strict=True, reason="until the checks take the classes they check as arguments")
 def test_checks_never_import_a_lesson():
     wrong = sorted(
         f"{mod} imports {target}"
@@ -208,7 +203,6 @@ def test_no_source_file_over_400_lines():
     assert long == {}, long
 
 
-@pytest.mark.xfail(strict=True, reason="until lessons import their checks inside the check cells")
 def test_train_does_not_load_the_check_framework():
     code = (
         "import sys\n"

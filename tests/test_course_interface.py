@@ -1,7 +1,7 @@
-"""The course's interface, exactly (SPEC §4): the attributes and signatures it names, what it gives
+"""The course's interface, exactly: the attributes and signatures it names, what it gives
 and what it asks, and a submission written the way the course writes it graded and trained.
 
-The expected names and values below are written out from SPEC §4, not read from the library.
+The expected names and values below are written out from the course's own text, not read from the library.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def test_install_returns_the_undo_and_refuses_a_second_install():
 
 def test_misuse_stops_with_a_message_that_names_it():
     model = lora_model()
-    del model.lora[1].lora_k.lora_alpha  # an adaptor outside the contract (SPEC §4)
+    del model.lora[1].lora_k.lora_alpha  # an adaptor outside the adaptor contract
     with pytest.raises(AdaptorContractError, match="Lora has no lora_alpha: .*A, B, rank and"):
         install_fast_lora(model)
     model.lora[1].lora_k.lora_alpha = 2 * ALPHA  # α/r differing within one layer

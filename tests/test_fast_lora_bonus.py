@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_rlhf.authoring.implementations import load_section
 from lora_rlhf.checks import checks_for, run_check
-from lora_rlhf.checks.fast_bonus_checks import ProductCounter, fast_checks_for, load_fast_impl
+from lora_rlhf.checks.fast_bonus_checks import ProductCounter, fast_checks_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "bonus_fast_lora.py"
@@ -163,20 +164,20 @@ def test_fast_checks_carry_no_points_and_stay_out_of_the_graded_rubric():
 
 @pytest.mark.parametrize("check", FAST, ids=lambda c: c.name)
 def test_solution_passes(check):
-    result = run_check(check, load_fast_impl(SOLUTION))
+    result = run_check(check, load_section("fast", SOLUTION))
     assert result.passed, result.message
 
 
 @pytest.mark.parametrize("check", FAST, ids=lambda c: c.name)
 def test_untouched_stubs_fail(check):
-    result = run_check(check, load_fast_impl(ROOT / "exercises"))
+    result = run_check(check, load_section("fast", ROOT / "exercises"))
     assert not result.passed and "not implemented" in result.message
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m[0])
 def test_broken_version_is_caught_with_a_pointed_message(mutant, tmp_path):
     name, (old, new), check_name, says = mutant
-    impl = load_fast_impl(write_changed(tmp_path, name, old, new))
+    impl = load_section("fast", write_changed(tmp_path, name, old, new))
     result = run_check(BY_NAME[check_name], impl)
     assert not result.passed and says in result.message, result.message
 
@@ -184,7 +185,7 @@ def test_broken_version_is_caught_with_a_pointed_message(mutant, tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
 def test_correct_variant_passes_every_check(variant, tmp_path):
     name, (old, new) = variant
-    impl = load_fast_impl(write_changed(tmp_path, name, old, new))
+    impl = load_section("fast", write_changed(tmp_path, name, old, new))
     failed = [r for r in (run_check(c, impl) for c in FAST) if not r.passed]
     assert not failed, [f"{r.name}: {r.message}" for r in failed]
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from lora_rlhf.authoring.implementations import load_section
 from lora_rlhf.authoring.sync import render
 from lora_rlhf.checks import checks_for, run_check
-from lora_rlhf.checks.grpo_checks import GRPO_CHECKS, grpo_checks_for, load_grpo_impl
+from lora_rlhf.checks.grpo_checks import GRPO_CHECKS, grpo_checks_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "lora_rlhf" / "lessons" / "section3_grpo.py"
@@ -264,25 +265,25 @@ def test_there_are_enough_mutants_and_variants():
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.name)
 def test_library_passes(check):
-    result = run_check(check, load_grpo_impl("library"))
+    result = run_check(check, load_section("grpo", "library"))
     assert result.passed, result.message
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.name)
 def test_solution_passes(check):
-    result = run_check(check, load_grpo_impl(SOLUTION))
+    result = run_check(check, load_section("grpo", SOLUTION))
     assert result.passed, result.message
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.name)
 def test_untouched_stubs_fail(check):
-    result = run_check(check, load_grpo_impl(ROOT / "exercises"))
+    result = run_check(check, load_section("grpo", ROOT / "exercises"))
     assert not result.passed and "not implemented" in result.message, result.message
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
 def test_mutant_is_caught_with_a_pointed_message(mutant, tmp_path):
-    impl = load_grpo_impl(mutant.write(tmp_path))
+    impl = load_section("grpo", mutant.write(tmp_path))
     results = [run_check(BY_NAME[name], impl) for name in mutant.catches]
     assert not any(r.passed for r in results), [(r.name, r.passed) for r in results]
     assert mutant.says in results[0].message, results[0].message
@@ -291,7 +292,7 @@ def test_mutant_is_caught_with_a_pointed_message(mutant, tmp_path):
 @pytest.fixture(scope="module")
 def variant_impls(tmp_path_factory):
     d = tmp_path_factory.mktemp("grpo_variants")
-    return {v.name: load_grpo_impl(v.write(d)) for v in VARIANTS}
+    return {v.name: load_section("grpo", v.write(d)) for v in VARIANTS}
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.name)

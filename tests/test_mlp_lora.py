@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_merge import make_lora_model, tokens
 
+from lora_rlhf.authoring.implementations import load_section
 from lora_rlhf.authoring.sync import render
 from lora_rlhf.checks import checks_for, run_check
-from lora_rlhf.checks.mlp_checks import bonus_checks_for, load_bonus_impl
+from lora_rlhf.checks.mlp_checks import bonus_checks_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "lora_rlhf" / "lessons" / "bonus_mlp_lora.py"
@@ -62,13 +63,13 @@ def test_bonus_checks_are_not_part_of_the_graded_rubric():
 
 @pytest.mark.parametrize("check", BONUS, ids=lambda c: c.name)
 def test_solution_passes(check):
-    result = run_check(check, load_bonus_impl(SOLUTION))
+    result = run_check(check, load_section("mlp", SOLUTION))
     assert result.passed, result.message
 
 
 @pytest.mark.parametrize("check", BONUS, ids=lambda c: c.name)
 def test_untouched_stubs_fail(check):
-    result = run_check(check, load_bonus_impl(ROOT / "exercises"))
+    result = run_check(check, load_section("mlp", ROOT / "exercises"))
     assert not result.passed and "not implemented" in result.message
 
 
@@ -79,7 +80,7 @@ def test_broken_version_is_caught_with_a_pointed_message(mutant, tmp_path):
     assert source.count(old) == 1, f"{name}: the substitution no longer applies"
     path = tmp_path / f"{name}.py"
     path.write_text(source.replace(old, new))
-    result = run_check(BY_NAME[check_name], load_bonus_impl(path))
+    result = run_check(BY_NAME[check_name], load_section("mlp", path))
     assert not result.passed and says in result.message, result.message
 
 

@@ -13,6 +13,7 @@ from mutants import MUTANTS
 
 from lora_rlhf import tests_lora
 from lora_rlhf.authoring.implementations import load_impl
+from lora_rlhf.checks import notebook
 from lora_rlhf.checks.core import run_check
 from lora_rlhf.grading.rubric import rubric
 
@@ -88,13 +89,13 @@ def test_a_correct_submission_is_green_everywhere(tmp_path, capsys):
 
 def test_the_notebook_functions_together_run_every_graded_check(monkeypatch, tmp_path):
     ran = set()
-    real = tests_lora.run_check
+    real = notebook.run_check
 
     def spy(check_, impl, *a, **kw):
         ran.add(check_.name)
         return real(check_, impl, *a, **kw)
 
-    monkeypatch.setattr(tests_lora, "run_check", spy)
+    monkeypatch.setattr(notebook, "run_check", spy)  # the one runner behind tests_lora
     impl = load_impl(backward_mutants.VARIANTS[0].write(tmp_path))
     for cells in notebook_cells(impl).values():
         for cell in cells:

@@ -1,4 +1,4 @@
-"""The notebook-style checks (SPEC §4): pass on correct code with a success line, fail with a
+"""The notebook-style checks: pass on correct code with a success line, fail with a
 message naming the mistake."""
 
 from __future__ import annotations

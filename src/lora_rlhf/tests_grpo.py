@@ -9,14 +9,13 @@ stub's own NotImplementedError), and prints a success line.
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
-from lora_rlhf.checks.grpo_checks import grpo_checks_for
-from lora_rlhf.tests_lora import _run
+from lora_rlhf.checks.grpo_checks import GRPO
+from lora_rlhf.checks.notebook import run_exercise
 
 
 def _run_exercise(exercise: str, **names) -> None:
-    _run(grpo_checks_for(exercise), SimpleNamespace(**names), exercise)
+    run_exercise(GRPO.for_exercise(exercise), exercise, **names)
 
 
 def testing_group_advantages(group_advantages) -> None:

@@ -1,4 +1,4 @@
-"""Notebook-style checks of the Section 2 exercises (SPEC §4).
+"""Notebook-style checks of the Section 2 exercises: the ``testing_*`` names the course calls.
 
 Each takes the student's class (or model), runs the grader's own checks of that exercise (the
 gradient checks included), raises an AssertionError that lists every failing check with its
@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from lora_rlhf.checks.core import Check, checks_for, run_check
+import torch
+
+from lora_rlhf.checks.all_checks import checks_for
+from lora_rlhf.checks.core import Check
+from lora_rlhf.checks.notebook import run_checks as _run
+from lora_rlhf.checks.trainer_checks import SMOKE
 
 # Checks whose message names a specific mistake run before the broad comparisons with the merged
 # model, so a listed failure starts with its most telling diagnosis.
@@ -26,28 +31,6 @@ HOOKS_ORDER = (
     "hooks_gradients_tiny_pythia",
 )
 FWD_HOOKS_LIST = ("model_fwd_hooks", "model_frozen_params")
-
-
-def _run(checks: list[Check], impl, what: str) -> None:
-    failures = []
-    for c in checks:
-        result = run_check(c, impl)
-        stub = result.message.removeprefix("raised not implemented yet: ")
-        if stub != result.message:
-            # an untouched stub: stop with its own error, which names the exercise to fill in,
-            # and what already failed before it
-            n = len(failures)
-            earlier = f"\nBefore it, {n} check{'s' * (n != 1)} failed:\n" if n else ""
-            raise NotImplementedError(stub + earlier + "\n".join(failures))
-        if not result.passed:
-            failures.append(
-                f"  ✗ {c.name} ({c.points:g} pts) — {c.description}\n      {result.message}"
-            )
-    if failures:
-        raise AssertionError(
-            f"{what}: {len(failures)} of {len(checks)} checks failed\n" + "\n".join(failures)
-        )
-    print(f"All {len(checks)} checks of {what} passed." if len(checks) > 1 else f"{what}: passed.")
 
 
 def _ordered(exercise: str, first: tuple[str, ...] = ()) -> list[Check]:
@@ -124,3 +107,19 @@ def _run_on_model(checks, model, what):
     # so checks never see each other's changes.
     impl = SimpleNamespace(TransformerWithValueHeadLora=type(model), LoraHooks=type(model.lora[0]))
     _run(checks, impl, what)
+
+
+def smoke_run(model_name: str, RLHFTrainerLora, RLHFArgsLora) -> None:
+    """The graded smoke run's settings on `model_name` (the notebook's model, any size): two phases
+    must train the adaptors of one model that is its own reference."""
+    args = RLHFArgsLora(base_model=model_name, **SMOKE)
+    trainer = RLHFTrainerLora(args)
+    assert trainer.ref_model is trainer.model, (
+        "ref_model must be the policy itself: its plain forward is π_ref, no second copy"
+    )
+    before = [p.detach().clone() for p in trainer.model.lora_params()]
+    trainer.train()
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.lora_params(), before)), (
+        "two phases of training changed no adaptor parameter: is the optimizer given lora_params()?"
+    )
+    print(f"Smoke run on {model_name} finished: the adaptors trained, one copy of the model.")

@@ -66,12 +66,29 @@ def load_module(path: Path) -> ModuleType:
     return module
 
 
+# Each section's exercise file and the library module that solves it: `load_section` reads a
+# submission of any of them the same way.
+SECTIONS = {
+    "section2": (EXERCISE_FILE, "lora_rlhf.lessons.section2_lora"),
+    "grpo": ("section3_grpo.py", "lora_rlhf.lessons.section3_grpo"),
+    "mlp": ("bonus_mlp_lora.py", "lora_rlhf.lessons.bonus_mlp_lora"),
+    "fast": ("bonus_fast_lora.py", "lora_rlhf.lessons.bonus_fast_lora"),
+}
+
+# Classes an exercise file is given rather than asked to write: a single-file submission may
+# leave them out, and then runs with the library's (the module named here).
+GIVEN = {
+    "RLHFArgsLora": SECTIONS["section2"][1],
+    "GRPOArgsLora": SECTIONS["grpo"][1],
+}
+
+
 def load_impl(spec: str | Path = "library", require: tuple[str, ...] = REQUIRED) -> ModuleType:
     """The module whose `Lora`, `LoraHooks`, `TransformerWithValueHeadLora` are under test."""
     if str(spec) == "library":
-        import lora_rlhf.lessons.section2_lora as lora
-
-        return lora
+        # by name, as every section's library module (the lessons import their check runners,
+        # which read this module: a static import here would close that loop)
+        return importlib.import_module(SECTIONS["section2"][1])
     path = resolve_path(spec)
     module = load_module(path)
     missing = [n for n in require if not isinstance(getattr(module, n, None), type)]
@@ -82,9 +99,12 @@ def load_impl(spec: str | Path = "library", require: tuple[str, ...] = REQUIRED)
     return module
 
 
-def load_section(spec: str | Path, file_name: str, library_module: str) -> ModuleType:
-    """The module of a bonus section under test: ``library`` (the library's `library_module`),
-    ``solutions``, ``exercises``, a folder holding `file_name`, or a ``.py`` file."""
+def load_section(section: str, spec: str | Path = "library") -> ModuleType:
+    """The module of `section` (a key of :data:`SECTIONS`) under test: ``library`` (the library's
+    own), ``solutions``, ``exercises``, a folder holding the section's file, or a ``.py`` file."""
+    if section not in SECTIONS:
+        raise ImplementationError(f"no section {section!r}: choose one of {', '.join(SECTIONS)}")
+    file_name, library_module = SECTIONS[section]
     if str(spec) == "library":
         return importlib.import_module(library_module)
     path = Path(spec)
@@ -95,3 +115,11 @@ def load_section(spec: str | Path, file_name: str, library_module: str) -> Modul
     if not path.is_file():
         raise ImplementationError(f"{path}: no such file (this section lives in {file_name})")
     return load_module(path)
+
+
+def given_class(impl, name: str) -> type:
+    """`impl`'s class `name` (one of :data:`GIVEN`), or the library's when `impl` leaves it out.
+
+    The checks call this instead of importing a lesson, so no check depends on the lessons."""
+    cls = getattr(impl, name, None)
+    return cls if isinstance(cls, type) else getattr(importlib.import_module(GIVEN[name]), name)

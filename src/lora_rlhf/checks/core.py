@@ -40,38 +40,62 @@ class Check:
     needs: tuple[str, ...] = ()  # names the implementation must define for this check
 
 
-CHECKS: dict[str, Check] = {}
+class Registry:
+    """One section's checks, by name. Section 2's rubric is :data:`SECTION2`; each bonus section
+    keeps its own registry, so its checks never enter the 100 points of Section 2 (``lora_rlhf.checks.checks_for()``)."""
 
+    def __init__(self, section: str) -> None:
+        self.section = section
+        self.checks: dict[str, Check] = {}
 
-def check(
-    exercise: str,
-    points: float,
-    needs: tuple[str, ...] = (),
-    registry: dict[str, Check] | None = None,
-):
-    """Register a check: decorate the probe, then attach the judge with ``@probe.judge``.
-    A bonus section passes its own `registry`, keeping its checks out of the 100 points."""
-    registry = CHECKS if registry is None else registry
+    def _add(self, name, exercise, points, doc, probe, judge, needs) -> None:
+        description = (doc or "").strip().splitlines()[0]
+        self.checks[name] = Check(
+            name, exercise, points, description, probe, judge, needs or (exercise,)
+        )
 
-    def register(probe: Callable[[Any], Outputs]):
-        name = probe.__name__.removeprefix("probe_")
+    def check(self, exercise: str, points: float = 0, needs: tuple[str, ...] = ()):
+        """Register a check: decorate the probe, then attach the judge with ``@probe.judge``."""
 
-        def set_judge(judge: Callable[[Outputs], None]):
-            registry[name] = Check(
-                name=name,
-                exercise=exercise,
-                points=points,
-                description=(probe.__doc__ or "").strip().splitlines()[0],
-                probe=probe,
-                judge=judge,
-                needs=needs or (exercise,),
-            )
+        def register(probe: Callable[[Any], Outputs]):
+            name = probe.__name__.removeprefix("probe_")
+
+            def set_judge(judge: Callable[[Outputs], None]):
+                self._add(name, exercise, points, probe.__doc__, probe, judge, needs)
+                return judge
+
+            probe.judge = set_judge  # type: ignore[attr-defined]
+            return probe
+
+        return register
+
+    def judged(self, exercise: str, probe, needs: tuple[str, ...] = (), points: float = 0):
+        """Register the decorated judge as a check of `probe`'s outputs, named after the judge
+        (several judges may read one probe)."""
+
+        def register(judge: Callable[[Outputs], None]):
+            name = judge.__name__.removeprefix("judge_")
+            self._add(name, exercise, points, judge.__doc__, probe, judge, needs)
             return judge
 
-        probe.judge = set_judge  # type: ignore[attr-defined]
-        return probe
+        return register
 
-    return register
+    def for_exercise(self, exercise: str | None = None) -> list[Check]:
+        """The checks of `exercise` (every one when None), in the order they were registered."""
+        return [c for c in self.checks.values() if exercise is None or c.exercise == exercise]
+
+
+SECTION2 = Registry("section2")
+# The bonus sections' registries (0 points, or optional points on top of Section 2's 100)
+GRPO = Registry("grpo")
+MLP = Registry("mlp")
+FAST = Registry("fast")
+CHECKS: dict[str, Check] = SECTION2.checks
+
+
+def check(exercise: str, points: float, needs: tuple[str, ...] = ()):
+    """Register a check of Section 2's rubric (see :meth:`Registry.check`)."""
+    return SECTION2.check(exercise, points, needs)
 
 
 @dataclass
@@ -161,15 +185,6 @@ def judge_outputs(check_: Check, outputs: Outputs) -> CheckResult:
 def run_check(check_: Check, impl: Any, device: str = "cpu") -> CheckResult:
     """Probe (on `device`) and judge in this process (notebooks, pytest)."""
     return judge_outputs(check_, run_probe(check_, impl, device))
-
-
-def checks_for(exercise: str | None = None) -> list[Check]:
-    from lora_rlhf.checks import all_checks  # registers every check
-
-    # the order of all_checks.MODULES (a test that imports one module first registers it first)
-    rank = {module.__name__: i for i, module in enumerate(all_checks.MODULES)}
-    ordered = sorted(CHECKS.values(), key=lambda c: rank.get(c.probe.__module__, len(rank)))
-    return [c for c in ordered if exercise is None or c.exercise == exercise]
 
 
 def expect(condition: bool, message: str) -> None:

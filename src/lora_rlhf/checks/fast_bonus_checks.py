@@ -5,19 +5,18 @@ einsums, an explicitly built block-diagonal matrix, the adaptors merged into a f
 model's weights), and the number of matrix products it takes, counted by :class:`ProductCounter`
 while the code runs. Counting, never timing: a count is exact and the same on every machine.
 
-The checks live in their own registry, :data:`FAST_CHECKS` (read it with :func:`fast_checks_for`),
+The checks live in their own registry, :data:`FAST` (read it with ``FAST.for_exercise``),
 not in :data:`lora_rlhf.checks.core.CHECKS`: they carry 0 points and stay out of the graded rubric.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
-
 import torch
 
-from lora_rlhf.checks.core import Check, CheckFailed, expect
+from lora_rlhf.authoring.implementations import SECTIONS
+from lora_rlhf.checks.core import FAST, CheckFailed, expect
 from lora_rlhf.checks.counting import ProductCounter
+from lora_rlhf.checks.notebook import run_exercise
 from lora_rlhf.checks.reference import (
     ALPHA,
     RANK,
@@ -32,34 +31,10 @@ from lora_rlhf.checks.reference import (
 )
 from lora_rlhf.models import load_model
 
-FAST_FILE = "bonus_fast_lora.py"
-FAST_CHECKS: dict[str, Check] = {}
-
-
-def fast_checks_for(exercise: str | None = None) -> list[Check]:
-    return [c for c in FAST_CHECKS.values() if exercise is None or c.exercise == exercise]
-
-
-def load_fast_impl(spec: str | Path = "library") -> ModuleType:
-    """The module under test: ``library``, ``solutions``, ``exercises``, a folder holding
-    ``bonus_fast_lora.py``, or a ``.py`` file."""
-    from lora_rlhf.authoring.implementations import load_section
-
-    return load_section(spec, FAST_FILE, "lora_rlhf.lessons.bonus_fast_lora")
-
-
-def fast_check(exercise: str, probe, needs: tuple[str, ...] | None = None):
-    """Register the decorated judge with `probe` as a 0-point check named after the judge."""
-
-    def register(judge):
-        name = judge.__name__.removeprefix("judge_")
-        description = (judge.__doc__ or "").strip().splitlines()[0]
-        FAST_CHECKS[name] = Check(
-            name, exercise, 0, description, probe, judge, needs or (exercise,)
-        )
-        return judge
-
-    return register
+FAST_FILE = SECTIONS["fast"][0]
+FAST_CHECKS = FAST.checks
+fast_checks_for = FAST.for_exercise
+fast_check = FAST.judged  # several judges read one probe; 0 points each
 
 
 def _counted(fn, *args):
@@ -359,9 +334,7 @@ def judge_fast_hooks_products(out):
 
 
 def _run(exercise: str, what: str, **functions) -> None:
-    from lora_rlhf.tests_lora import _run as run
-
-    run(fast_checks_for(exercise), SimpleNamespace(**functions), what)
+    run_exercise(FAST.for_exercise(exercise), what, **functions)
 
 
 def testing_qkv_x_a(qkv_x_a) -> None:

@@ -6,12 +6,13 @@ import math
 
 import torch
 
+from lora_rlhf.authoring.implementations import given_class
 from lora_rlhf.checks.core import CheckFailed, check, expect
 from lora_rlhf.checks.reference import base_model, close, max_diff, probe_device
 from lora_rlhf.rlhf.ppo import gen_positions
 from lora_rlhf.rlhf.trainer import build_trainer
 
-# The course's smoke run (SPEC §4).
+# The course's smoke run: two short phases on tiny-llama, no KL penalty.
 SMOKE = dict(
     kl_coef=0.0,
     total_phases=2,
@@ -29,10 +30,7 @@ def smoke_trainer(impl, model: str = "tiny-llama", **overrides):
     with the submission's RLHFArgsLora (given in the exercise file; the library's when a single
     file leaves it out). A trainer that takes its model class from `model_class` (the library's)
     gets the submission's; the course's names its own."""
-    args_cls = getattr(impl, "RLHFArgsLora", None)
-    if not isinstance(args_cls, type):
-        from lora_rlhf.lessons.section2_lora import RLHFArgsLora as args_cls
-
+    args_cls = given_class(impl, "RLHFArgsLora")
     trainer_cls = impl.RLHFTrainerLora
     if not isinstance(trainer_cls, type):
         raise CheckFailed(f"RLHFTrainerLora should be a class, got {type(trainer_cls).__name__}")

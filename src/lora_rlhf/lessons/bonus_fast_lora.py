@@ -43,7 +43,6 @@ from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from lora_rlhf.checks import fast_bonus_checks
 from lora_rlhf.lessons.section2_lora import LoraHooks
 from lora_rlhf.models import DEFAULT_MODEL
 
@@ -89,6 +88,8 @@ def qkv_x_a(
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf.checks import fast_bonus_checks
+
     fast_bonus_checks.testing_qkv_x_a(qkv_x_a)
 
 # %% [markdown]
@@ -151,6 +152,8 @@ def out_delta(
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf.checks import fast_bonus_checks
+
     fast_bonus_checks.testing_block_diagonal(block_diagonal, heads_x_a_b, out_delta)
 
 # %% [markdown]
@@ -198,6 +201,8 @@ def q_and_x_a(
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf.checks import fast_bonus_checks
+
     fast_bonus_checks.testing_q_and_x_a(q_and_x_a)
 
 # %% [markdown]
@@ -267,5 +272,7 @@ class FastLoraHooks(LoraHooks):
 
 # %%
 if __name__ == "__main__":
+    from lora_rlhf.checks import fast_bonus_checks
+
     fast_bonus_checks.testing_fast_lora_hooks(FastLoraHooks)
     fast_bonus_checks.compare_products(NOTEBOOK_MODEL, LoraHooks, FastLoraHooks)

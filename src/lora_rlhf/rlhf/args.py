@@ -14,6 +14,16 @@ from lora_rlhf.models import DEFAULT_MODEL, ModelUnavailableError, check_model_n
 from lora_rlhf.rlhf.rewards import REWARDS, RewardFn, reward_fn_char_count, reward_fn_name
 
 
+def check_lora_settings(lora_alpha: float, **sizes: int) -> None:
+    """A clear error for a rank, size or α that cannot make a LoRA adaptor (the lessons' `Lora`,
+    `TransformerWithValueHeadLora` and `RLHFArgsLora` call it before building anything)."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+
+
 class ArgsError(ValueError):
     """An invalid RLHFArgs field; the message names the field."""
 

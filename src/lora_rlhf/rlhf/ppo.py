@@ -137,14 +137,26 @@ class ReplayMemory:
         A sequence of minibatches, each gathered from the memory when it is read: a loop over it
         holds one minibatch's copy of the reference logits at a time, not the whole phase's.
         """
-        rows = [
-            indices
-            for _ in range(self.args.batches_per_learning_phase)
-            for indices in torch.randperm(
-                self.args.batch_size, device=self.sample_ids.device
-            ).reshape(self.args.num_minibatches, -1)
-        ]
+        rows = minibatch_indices(
+            self.args.batch_size,
+            self.args.num_minibatches,
+            self.args.batches_per_learning_phase,
+            self.sample_ids.device,
+        )
         return _Minibatches(self, rows, self.returns)
+
+
+def minibatch_indices(
+    batch_size: int, num_minibatches: int, passes: int, device: torch.device | str
+) -> list[Tensor]:
+    """The rows of each minibatch: `passes` random partitions of ``range(batch_size)`` into
+    `num_minibatches` equal parts, one ``randperm`` per pass (PPO's and GRPO's memories share it,
+    so both draw the same random numbers in the same order)."""
+    return [
+        rows
+        for _ in range(passes)
+        for rows in torch.randperm(batch_size, device=device).reshape(num_minibatches, -1)
+    ]
 
 
 class _Minibatches(Sequence):
