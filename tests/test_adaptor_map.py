@@ -178,7 +178,7 @@ TINY_RUN = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A saved tiny run, and the map of its trained model as it was in memory at the end."""
-    from lora_rlhf.cli.outputs import RunRecorder
+    from lora_rlhf.cli.recorder import RunRecorder
 
     out = tmp_path_factory.mktemp("run") / "run"
     trainers = []

@@ -18,7 +18,8 @@ what was learned so far (:mod:`lora_rlhf.cli.stop_signals`; exit status 128 + th
 130, 143, 129).
 
 This module is the command (its options, the plan, the run); the defaults and the checks are in
-:mod:`lora_rlhf.cli.settings`, what a run writes and reads back in :mod:`lora_rlhf.cli.outputs`.
+:mod:`lora_rlhf.cli.settings`, what a run writes in :mod:`lora_rlhf.cli.recorder` and reads back in
+:mod:`lora_rlhf.cli.outputs`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_rlhf.cli.outputs import (
-    RunRecorder,
-    print_summary,
-    read_metrics,
-    restore,
-)
+from lora_rlhf.cli.outputs import print_summary, read_metrics, restore
+from lora_rlhf.cli.recorder import RunRecorder
 from lora_rlhf.cli.settings import (
     DEFAULTS,
     DTYPES,

@@ -29,6 +29,7 @@ PRIVATE_MODULES = (
     "lora_rlhf.cli.train",
     "lora_rlhf.cli.settings",
     "lora_rlhf.cli.outputs",
+    "lora_rlhf.cli.recorder",
     "lora_rlhf.cli.run_files",
 )
 MISSING = object()
