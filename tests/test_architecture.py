@@ -50,8 +50,6 @@ KNOWN_CIRCLES = {
         {"lora_rlhf.lessons.section2_lora", "lora_rlhf.tests_lora"},
     "the GRPO lesson imports tests_grpo at module level; grpo_checks imports the lesson":
         {"lora_rlhf.lessons.section3_grpo", "lora_rlhf.tests_grpo"},
-    "grading.bonus imports the grader's privates; the grader imports bonus":
-        {"lora_rlhf.grading.grader", "lora_rlhf.grading.bonus"},
 }  # fmt: skip
 
 
