@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import make_lora_model, tokens
+from helpers import make_lora_model, tokens
 from transformer_lens import HookedTransformer
 
 import lora_rlhf

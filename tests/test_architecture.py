@@ -23,14 +23,11 @@ MAX_TOP_LEVEL_MODULES = 8
 MAX_LINES = 400
 
 # Each folder's place in the one-way order: a module may import its own layer and the layers
-# below. fast/'s leaf modules (no import of the package) sit with models/: Section 1's trainer
-# opts into them.
+# below. Section 1 and the lessons never import the engine (fast/): the command opts a trainer
+# into it (lora_rlhf.fast.lean_trainer).
 LAYERS = {
     "lora_rlhf.aliases": 0,
     "lora_rlhf.models": 0,
-    "lora_rlhf.fast.memory": 0,
-    "lora_rlhf.fast.ppo_kernels": 1,  # reads rlhf.ppo's gen_positions
-    "lora_rlhf.fast.hooks": 0,
     "lora_rlhf.rlhf": 1,
     "lora_rlhf.lessons": 2,
     "lora_rlhf.fast": 3,
@@ -180,6 +177,17 @@ def test_checks_never_import_a_lesson():
         if mod.startswith(("lora_rlhf.checks", "lora_rlhf.tests_"))
         for target in targets
         if target.startswith("lora_rlhf.lessons")
+    )
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_section_1_and_the_lessons_import_nothing_of_the_engine():
+    wrong = sorted(
+        f"{mod} imports {target}"
+        for mod, targets in import_graph().items()
+        if mod.startswith(("lora_rlhf.rlhf", "lora_rlhf.lessons", "lora_rlhf.models"))
+        for target in targets
+        if target.startswith("lora_rlhf.fast")
     )
     assert wrong == [], "\n".join(wrong)
 

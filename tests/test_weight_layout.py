@@ -9,8 +9,7 @@ conversion functions), which is cheap; the merged SmolLM2 is checked too (slow).
 from __future__ import annotations
 
 import torch
-from test_merge import make_lora_model, tokens
-from test_models import assert_forward_copies_no_weights
+from helpers import assert_forward_copies_no_weights, make_lora_model, tokens
 from transformer_lens import HookedTransformer
 
 from lora_rlhf.adapters.merge import merge_lora

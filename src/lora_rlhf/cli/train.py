@@ -55,7 +55,6 @@ from lora_rlhf.cli.stop_signals import StopSignals, exit_status, signal_name
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-_build_args = build_args  # the name benchmarks/phase.py and scripts/measure_memory.py use
 LIST_REWARDS = "list"  # --reward list: describe the rewards and exit
 
 
@@ -237,6 +236,9 @@ def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
         from lora_rlhf.fast.lora import with_fast_lora
 
         return with_fast_lora(trainer_class)
+    # Any other --impl trains its own classes as written, in the engine's memory-lean way.
+    from lora_rlhf.fast.lean_trainer import with_lean_memory
+
     try:
         module = load_impl(impl_spec)
     except ImplementationError as err:
@@ -253,8 +255,9 @@ def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
         )
     own = getattr(module, "RLHFTrainerLora", None)
     if algo == "ppo" and isinstance(own, type) and issubclass(own, RLHFTrainer):
-        return own  # the submission's own trainer (the course gives it), building its own model
-    return type(trainer_class.__name__, (trainer_class,), {"model_class": model_class})
+        return with_lean_memory(own)  # the submission's own trainer, building its own model
+    own_model = type(trainer_class.__name__, (trainer_class,), {"model_class": model_class})
+    return with_lean_memory(own_model)
 
 
 def prepare(args: argparse.Namespace) -> Plan:

@@ -43,6 +43,7 @@ from transformer_lens.components import GroupedQueryAttention
 
 from lora_rlhf.adapters.files import scaling_of
 from lora_rlhf.fast.hooks import use_attached_hooks
+from lora_rlhf.fast.lean_trainer import with_lean_memory
 from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
 
 # The teaching hooks of layer i whose work the fast path does (any other LoRA hook, e.g. the MLP
@@ -110,9 +111,10 @@ def install_fast_lora(model: nn.Module) -> Callable[[], None]:
 
 def with_fast_lora(trainer_class: type[RLHFTrainerLora]) -> type[RLHFTrainerLora]:
     """`trainer_class` (RLHFTrainerLora or a subclass) whose model runs its adaptors through the
-    fast path, installed as soon as its `__init__` has built the model."""
+    fast path, installed as soon as its `__init__` has built the model; it trains in the engine's
+    memory-lean way too (:func:`lora_rlhf.fast.lean_trainer.with_lean_memory`)."""
 
-    class Fast(trainer_class):
+    class Fast(with_lean_memory(trainer_class)):
         def __init__(self, args, *more, **kwargs):
             super().__init__(args, *more, **kwargs)
             install_fast_lora(self.model)

@@ -30,8 +30,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.fast.memory import lean_heap, release_freed_memory
-from lora_rlhf.fast.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
 from lora_rlhf.models.devices import default_device
 from lora_rlhf.models.sharing import share_frozen_copies, untie_unembed
 from lora_rlhf.rlhf.args import RLHFArgs
@@ -40,10 +38,13 @@ from lora_rlhf.rlhf.ppo import (
     ReplayMemory,
     ReplayMinibatch,
     calc_clipped_surrogate_objective,
+    calc_entropy_bonus,
+    calc_kl_penalty,
     calc_value_function_loss,
     clip_fraction,
     compute_advantages,
     gen_positions,
+    get_logprobs,
     get_optimizer_and_scheduler,
     get_samples,
 )
@@ -166,7 +167,6 @@ class RLHFTrainer:
         seed_everything(args.seed)
         self.optimizer, self.scheduler = self.build_optimizer_and_scheduler()
         self.kl_controller: KLController = make_kl_controller(args)
-        release_freed_memory()  # what loading the weights left free (see lora_rlhf.fast.memory)
         prompt_ids = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos)
         self.prefix_len: int = prompt_ids.shape[-1]
 
@@ -246,7 +246,6 @@ class RLHFTrainer:
         """Sample a batch, score it and store what the learning phase needs."""
         args = self.args
         sample_ids, samples = self.sample()
-        release_freed_memory()
         with torch.no_grad():
             logits, values = self.model.forward_with_value_head(sample_ids)
             ref_logits = self.ref_model(sample_ids)
@@ -304,20 +303,15 @@ class RLHFTrainer:
         return objective
 
     def learning_phase(self, memory: ReplayMemory) -> None:
-        """One optimizer step per minibatch, then one scheduler step. Runs under
-        :func:`~lora_rlhf.fast.memory.lean_heap`, and gives freed memory back between steps: see
-        ``lora_rlhf.fast.memory`` (what the peak memory of a LoRA phase is made of)."""
+        """One optimizer step per minibatch, then one scheduler step."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._minibatch_stats = []
-        with lean_heap():
-            for minibatch in memory.get_minibatches():
-                self.optimizer.zero_grad()
-                objective = self.compute_rlhf_objective(minibatch)
-                release_freed_memory()
-                objective.backward()
-                nn.utils.clip_grad_norm_(params, max_norm=self.args.max_grad_norm)
-                self.optimizer.step()
-                release_freed_memory()
+        for minibatch in memory.get_minibatches():
+            self.optimizer.zero_grad()
+            objective = self.compute_rlhf_objective(minibatch)
+            objective.backward()
+            nn.utils.clip_grad_norm_(params, max_norm=self.args.max_grad_norm)
+            self.optimizer.step()
         self._phase_stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         # The coefficient this phase used; then the next phase's, from this rollout's KL.
