@@ -7,7 +7,7 @@ import einops
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lora_rlhf.adapters.files import adaptor_values
+from lora_rlhf.adapters.contract import adaptor_values
 from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
 from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 from lora_rlhf.rlhf.args import RLHFArgs

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from lora_rlhf.adapters.files import ATTN_TARGETS, MLP_TARGETS, adaptor_values
+from lora_rlhf.adapters.contract import ATTN_TARGETS, MLP_TARGETS, adaptor_values
 
 MAP_FILE = "adaptor_map.png"
 ROWS_STACKED = ("o", "mlp_out")  # heads stacked along the weight's input axis

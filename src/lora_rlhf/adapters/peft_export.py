@@ -40,7 +40,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.adapters.files import adaptor_values, lora_targets, rank_and_alpha
+from lora_rlhf.adapters.contract import adaptor_values, lora_targets, rank_and_alpha
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

@@ -19,7 +19,7 @@ cost more than the adaptors' arithmetic (docs/benchmarks.md). The fast path comp
   a parameter is replaced or changed in place, and products are accumulated into the activation
   (``addmm_``). Under autograd they are built anew each pass, so gradients reach every A and B.
 
-Only the adaptor contract is read (:func:`lora_rlhf.adapters.files.scaling_of`) —
+Only the adaptor contract is read (:func:`lora_rlhf.adapters.contract.scaling_of`) —
 ``model.lora[i].lora_q/k/v/o``, each with ``A``, ``B``, ``rank`` and ``lora_alpha`` — so it runs
 the library's classes and a student's alike.
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.components import GroupedQueryAttention
 
-from lora_rlhf.adapters.files import scaling_of
+from lora_rlhf.adapters.contract import scaling_of
 from lora_rlhf.fast.hooks import use_attached_hooks
 from lora_rlhf.fast.lean_trainer import with_lean_memory
 from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
