@@ -16,8 +16,6 @@ settings) is made on first use (see ``_DEFAULTS``).
 from __future__ import annotations
 
 import copy
-import netrc
-import os
 import random
 import time
 from collections.abc import Callable
@@ -50,6 +48,7 @@ from lora_rlhf.rlhf.ppo import (
 )
 from lora_rlhf.rlhf.rewards import normalize_reward
 from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
+from lora_rlhf.rlhf.wandb_log import init_wandb, log_wandb
 
 PhaseCallback = Callable[[dict[str, Any]], None]
 
@@ -87,16 +86,6 @@ def build_trainer(
     trainer.on_phase_end = on_phase_end
     trainer.show_progress = show_progress
     return trainer
-
-
-def _wandb_api_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1]
-    try:
-        return netrc.netrc().authenticators(host.split("/", 1)[0]) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
 
 
 def _model_device(trainer: RLHFTrainer) -> torch.device:
@@ -346,7 +335,7 @@ class RLHFTrainer:
         ``phase_seconds``.
         """
         args = self.args
-        run = self._init_wandb() if args.use_wandb else None
+        run = init_wandb(self) if args.use_wandb else None
         try:
             bar = tqdm(
                 total=args.total_phases,
@@ -364,7 +353,7 @@ class RLHFTrainer:
                     )
                     bar.update()
                     if run is not None:
-                        self._log_wandb(metrics)
+                        log_wandb(self, metrics)
                     if self.on_phase_end is not None:
                         self.on_phase_end(metrics)
         finally:
@@ -373,28 +362,3 @@ class RLHFTrainer:
 
                 wandb.finish()
         return self.history
-
-    def _init_wandb(self):
-        import wandb
-
-        settings: dict[str, Any] = {}
-        # No login needed: without an API key (and no explicit WANDB_MODE) the run stays local.
-        if not os.environ.get("WANDB_MODE") and not _wandb_api_key_available():
-            settings["mode"] = "offline"
-        return wandb.init(
-            project=self.args.wandb_project_name,
-            entity=self.args.wandb_entity,
-            name=self.run_name,
-            config=self.args.to_config(),
-            **settings,
-        )
-
-    def _log_wandb(self, metrics: dict[str, Any]) -> None:
-        import wandb
-
-        rewards = self.rewards.tolist() if self.rewards is not None else []
-        table = wandb.Table(
-            columns=["phase", "sample", "reward"],
-            data=[[metrics["phase"], s, r] for s, r in zip(self.samples, rewards)],
-        )
-        wandb.log({**metrics, "samples": table}, step=metrics["phase"])
