@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from lora_rlhf.adapters.adaptor_map import MAP_FILE, adaptor_map
 from lora_rlhf.cli.command import main
-from lora_rlhf.cli.plots import plot_adaptor_map
+from lora_rlhf.plots import plot_adaptor_map
 from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
 from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
 

@@ -27,6 +27,7 @@ MAX_LINES = 400
 # into it (lora_rlhf.fast.lean_trainer).
 LAYERS = {
     "lora_rlhf.aliases": 0,
+    "lora_rlhf.plots": 0,  # matplotlib only: train's, grade-class's and inspect's figures
     "lora_rlhf.models": 0,
     "lora_rlhf.rlhf": 1,
     "lora_rlhf.lessons": 2,
@@ -310,3 +311,21 @@ def test_every_name_the_readme_shows_exists_where_it_says(reference):
             obj = getattr(obj, attr)
         return
     pytest.fail(f"{reference} names no module")
+
+
+def measure() -> dict:
+    """The shape in three numbers (docs/architecture.md reports them)."""
+    top = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PKG.rglob("*.py")}
+    longest = max(lengths, key=lengths.get)
+    return {
+        "modules directly in the package": f"{len(top)} ({', '.join(top)})",
+        "longest source file": f"{longest}, {lengths[longest]} lines",
+        "files over 400 lines": sum(n > MAX_LINES for n in lengths.values()),
+        "import circles": len(circles(import_graph())),
+    }
+
+
+if __name__ == "__main__":  # python tests/test_architecture.py
+    for key, value in measure().items():
+        print(f"{key}: {value}")

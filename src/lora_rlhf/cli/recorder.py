@@ -226,7 +226,7 @@ class RunRecorder:
         )
 
     def save_plot(self) -> Path | None:
-        from lora_rlhf.cli.plots import plot_reward_curve
+        from lora_rlhf.plots import plot_reward_curve
 
         history = self.trainer.history
         if not history:
