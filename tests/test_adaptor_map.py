@@ -15,9 +15,9 @@ from torch.overrides import TorchFunctionMode
 
 from lora_rlhf.adapters.adaptor_map import MAP_FILE, adaptor_map
 from lora_rlhf.cli.command import main
-from lora_rlhf.plots import plot_adaptor_map
 from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
 from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
+from lora_rlhf.plots import plot_adaptor_map
 
 ALPHA, RANK = 8, 2  # α/r = 4, written out below rather than read from the model
 SCALE = ALPHA / RANK
