@@ -2,7 +2,6 @@
 memory-lean kernels stand in for the plain functions only while a phase runs)."""
 
 import pytest
-import torch
 from helpers import tiny_args
 
 import lora_rlhf.fast.ppo_kernels as ppo_kernels
@@ -46,7 +45,6 @@ def test_with_lean_memory_wraps_once():
 def test_the_lean_trainer_reaches_the_plain_trainers_metrics():
     """Two phases on tiny-llama from the same seed: the same samples and rewards, and the losses
     equal to float32 rounding (the kernels sum in another order)."""
-    torch.set_num_threads(1)
     plain = RLHFTrainer(tiny_args(), show_progress=False)
     plain.train()
     lean = with_lean_memory(RLHFTrainer)(tiny_args(), show_progress=False)
