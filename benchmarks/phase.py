@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from lora_rlhf.cli.settings import build_args
+    from lora_rlhf.fast.lean_trainer import with_lean_memory
     from lora_rlhf.fast.lora import with_fast_lora
     from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
     from lora_rlhf.models.sharing import distinct_tensors
@@ -81,14 +83,16 @@ def main(argv: list[str] | None = None) -> dict:
         gen_len=opts.gen_len,
         phases=max(d["phases"], opts.phases, d["warmup"] + 1),
     )
-    lora_args = train_cli._build_args(settings, opts.device, False, "benchmark")
+    lora_args = build_args(settings, opts.device, False, "benchmark")
+    # every trainer as `lora-rlhf train` trains it: with the engine's memory-lean kernels and heap
+    # handling (with_fast_lora includes them)
     if opts.trainer == "lora":
-        args, trainer_cls = lora_args, RLHFTrainerLora
+        args, trainer_cls = lora_args, with_lean_memory(RLHFTrainerLora)
     elif opts.trainer == "fast":
         args, trainer_cls = lora_args, with_fast_lora(RLHFTrainerLora)
     else:  # Section 1's trainer on the same settings, without the LoRA fields
         shared = {f.name: getattr(lora_args, f.name) for f in dataclasses.fields(RLHFArgs)}
-        args, trainer_cls = RLHFArgs(**shared), RLHFTrainer
+        args, trainer_cls = RLHFArgs(**shared), with_lean_memory(RLHFTrainer)
     cuda = opts.device.startswith("cuda")
     result: dict = {"rss_after_python_mb": rss_after_python, "rss_after_imports_mb": _rss_mb()}
 

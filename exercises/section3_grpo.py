@@ -46,9 +46,6 @@ if importlib.util.find_spec("lora_rlhf") is None and (
 # 100). Do Section 2 first: this file uses the library's `TransformerWithValueHeadLora`. To train
 # your own, set `GRPOTrainerLora.model_class` to your class.
 #
-# Section 1's `get_logprobs`, `calc_kl_penalty` and `calc_entropy_bonus` come from
-# `lora_rlhf.fast.ppo_kernels`: the same functions, computed one sequence at a time to save memory.
-#
 # This file is generated from `src/lora_rlhf/lessons/section3_grpo.py` (`lora-rlhf sync`).
 
 # %%
@@ -60,15 +57,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from lora_rlhf.fast.memory import lean_heap, release_freed_memory
-from lora_rlhf.fast.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
 from lora_rlhf.lessons.section2_lora import (
     RLHFArgsLora,
     RLHFTrainerLora,
     TransformerWithValueHeadLora,
 )
 from lora_rlhf.rlhf.args import ArgsError
-from lora_rlhf.rlhf.ppo import get_optimizer_and_scheduler, minibatch_indices
+from lora_rlhf.rlhf.ppo import (
+    calc_entropy_bonus,
+    calc_kl_penalty,
+    get_logprobs,
+    get_optimizer_and_scheduler,
+    minibatch_indices,
+)
 
 # %% [markdown]
 # ## Exercise G1 — group advantages (GRPO and RLOO)
@@ -335,18 +336,15 @@ class GRPOTrainerLora(RLHFTrainerLora):
         return calc_kl_penalty(logits, ref_logits, 1.0, self.args.gen_len).item()
 
     def learning_phase(self, memory: GroupMemory) -> None:
-        """One optimizer step per minibatch, then one scheduler step, as Section 1's (which also
-        explains `lean_heap` and `release_freed_memory`: they only keep the process's memory low)."""
+        """One optimizer step per minibatch, then one scheduler step, as Section 1's."""
         objectives = []
-        with lean_heap():
-            for minibatch in memory.get_minibatches():
-                self.optimizer.zero_grad()
-                objective = self.compute_grpo_objective(minibatch)
-                objective.backward()
-                nn.utils.clip_grad_norm_(self.model.lora_params(), self.args.max_grad_norm)
-                self.optimizer.step()
-                objectives.append(objective.item())
-                release_freed_memory()
+        for minibatch in memory.get_minibatches():
+            self.optimizer.zero_grad()
+            objective = self.compute_grpo_objective(minibatch)
+            objective.backward()
+            nn.utils.clip_grad_norm_(self.model.lora_params(), self.args.max_grad_norm)
+            self.optimizer.step()
+            objectives.append(objective.item())
         self._phase_stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self._phase_stats["objective"] = sum(objectives) / len(objectives)
         self.scheduler.step()

@@ -79,6 +79,8 @@ def child(mode: str, options: argparse.Namespace) -> dict:
 
     import lora_rlhf.cli.train as train_cli
     import lora_rlhf.lessons.section2_lora  # noqa: F401  (import everything a run imports before measuring)
+    from lora_rlhf.cli.settings import build_args
+    from lora_rlhf.fast.lean_trainer import with_lean_memory
     from lora_rlhf.rlhf.args import RLHFArgs
     from lora_rlhf.rlhf.trainer import RLHFTrainer, build_trainer
 
@@ -89,7 +91,7 @@ def child(mode: str, options: argparse.Namespace) -> dict:
         settings["batch_size"] = options.batch_size
     if options.gen_len:
         settings["gen_len"] = options.gen_len
-    lora_args = train_cli._build_args(settings, "cpu", False, "memory")
+    lora_args = build_args(settings, "cpu", False, "memory")
     if mode == "lora":
         from lora_rlhf.lessons.section2_lora import RLHFTrainerLora as trainer_class
 
@@ -101,7 +103,8 @@ def child(mode: str, options: argparse.Namespace) -> dict:
         args, trainer_class = RLHFArgs(**fields), RLHFTrainer
 
     start = time.perf_counter()
-    trainer = build_trainer(trainer_class, args, show_progress=False)
+    # as `lora-rlhf train` trains it: with the engine's memory-lean kernels and heap handling
+    trainer = build_trainer(with_lean_memory(trainer_class), args, show_progress=False)
     result["build_seconds"] = time.perf_counter() - start
     result["load_peak"] = _maxrss()
     result["rss_after_build"] = _rss()

@@ -90,8 +90,8 @@ def smollm2_reference():
 @pytest.fixture(scope="session")
 def smollm2_mlp_lora():
     """The embedded model with random non-zero attention and MLP adaptors (``make_lora_model`` of
-    test_merge.py: α=8, r=4, B ~ N(0, 0.02²)), once per session. Shared: do not change it."""
-    from test_merge import make_lora_model
+    tests/helpers.py: α=8, r=4, B ~ N(0, 0.02²)), once per session. Shared: do not change it."""
+    from helpers import make_lora_model
 
     return make_lora_model("smollm2-135m", mlp=True, b_std=0.02)
 

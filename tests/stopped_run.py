@@ -29,7 +29,7 @@ import lora_rlhf.cli.checkpoint as checkpoint
 
 # Imported here, once, by the forkserver that the tests preload this module into.
 import lora_rlhf.cli.command  # noqa: F401
-from lora_rlhf.cli.outputs import RunRecorder
+from lora_rlhf.cli.recorder import RunRecorder
 from lora_rlhf.lessons.section3_grpo import GRPOTrainerLora
 from lora_rlhf.rlhf.trainer import RLHFTrainer
 

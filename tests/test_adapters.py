@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import make_lora_model, tokens
+from helpers import make_lora_model, tokens
 from transformer_lens import HookedTransformer
 
 import lora_rlhf
@@ -191,7 +191,7 @@ def test_a_peft_folder_is_refused_with_a_pointer_to_peft(tmp_path):
 def test_the_contract_is_read_from_a_course_written_submission_and_its_absence_named(tmp_path):
     """α/r comes from the adaptor's own `lora_alpha` and `rank`, as the course's given
     Lora.__init__ keeps them; an adaptor without them is refused with their names."""
-    from lora_rlhf.adapters.files import AdaptorContractError, scaling_of
+    from lora_rlhf.adapters.contract import AdaptorContractError, scaling_of
     from lora_rlhf.authoring.implementations import load_impl
 
     course = Path(__file__).parent / "grading_fixtures" / "course_submission.py"

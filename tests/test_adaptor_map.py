@@ -15,9 +15,9 @@ from torch.overrides import TorchFunctionMode
 
 from lora_rlhf.adapters.adaptor_map import MAP_FILE, adaptor_map
 from lora_rlhf.cli.command import main
-from lora_rlhf.cli.plots import plot_adaptor_map
 from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
 from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
+from lora_rlhf.plots import plot_adaptor_map
 
 ALPHA, RANK = 8, 2  # α/r = 4, written out below rather than read from the model
 SCALE = ALPHA / RANK
@@ -178,7 +178,7 @@ TINY_RUN = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A saved tiny run, and the map of its trained model as it was in memory at the end."""
-    from lora_rlhf.cli.outputs import RunRecorder
+    from lora_rlhf.cli.recorder import RunRecorder
 
     out = tmp_path_factory.mktemp("run") / "run"
     trainers = []

@@ -197,8 +197,8 @@ MUTANTS = [
         "objective_minimised",
         (
             (
-                "                objective.backward()\n",
-                "                (-objective).backward()\n",
+                "            objective.backward()\n",
+                "            (-objective).backward()\n",
             ),
         ),
         catches=("grpo_trainer_learns",),

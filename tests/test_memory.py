@@ -7,8 +7,10 @@ import sys
 from contextlib import contextmanager
 
 import pytest
+from helpers import tiny_args
 
 import lora_rlhf.fast.memory as memory
+from lora_rlhf.fast.lean_trainer import with_lean_memory
 from lora_rlhf.rlhf.trainer import RLHFTrainer
 
 glibc = memory._glibc()
@@ -80,9 +82,9 @@ def test_without_glibc_both_do_nothing(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
-def test_learning_phase_runs_under_lean_heap_and_releases_memory_between_steps(monkeypatch):
-    from tests.test_trainer import tiny_args
-
+def test_the_lean_trainer_runs_learning_under_lean_heap_and_releases_memory_around_steps(
+    monkeypatch,
+):
     events = []
 
     @contextmanager
@@ -91,18 +93,20 @@ def test_learning_phase_runs_under_lean_heap_and_releases_memory_between_steps(m
         yield True
         events.append("exit")
 
-    trainer = RLHFTrainer(tiny_args(total_phases=1), show_progress=False)
-    monkeypatch.setattr("lora_rlhf.rlhf.trainer.lean_heap", recording_lean_heap)
+    trainer = with_lean_memory(RLHFTrainer)(tiny_args(total_phases=1), show_progress=False)
+    monkeypatch.setattr("lora_rlhf.fast.lean_trainer.lean_heap", recording_lean_heap)
     monkeypatch.setattr(
-        "lora_rlhf.rlhf.trainer.release_freed_memory", lambda: events.append("release")
+        "lora_rlhf.fast.lean_trainer.release_freed_memory", lambda: events.append("release")
     )
     original_step = trainer.optimizer.step
     monkeypatch.setattr(
         trainer.optimizer, "step", lambda *a, **k: (events.append("step"), original_step(*a, **k))
     )
     trainer.train()
-    # after sampling; then, inside lean_heap, before each backward and after each step
-    assert events == ["release", "enter", *["release", "step", "release"] * 2, "exit"], events
+    # after sampling; then, inside lean_heap, before each forward and before each backward; and
+    # once the phase's steps are done
+    step = ["release", "release", "step"]
+    assert events == ["release", "enter", *step * 2, "exit", "release"], events
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="not a glibc system")

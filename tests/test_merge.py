@@ -4,40 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ALPHA, RANK, SMOLLM2_ATOL, make_lora_model, tokens
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.adapters.files import adaptor_values
 from lora_rlhf.adapters.merge import merge_lora
-from lora_rlhf.lessons.bonus_mlp_lora import TransformerWithValueHeadMlpLora
 from lora_rlhf.lessons.section2_lora import TransformerWithValueHeadLora
-
-ALPHA, RANK = 8, 4  # α/r = 2
-
-
-def make_lora_model(
-    name: str,
-    device: str = "cpu",
-    mlp: bool = False,
-    b_std: float = 0.1,
-    seed: int = 0,
-    dtype: torch.dtype | None = None,
-) -> TransformerWithValueHeadLora:
-    """A LoRA model whose adaptors all have random non-zero B (so they change the logits)."""
-    cls = TransformerWithValueHeadMlpLora if mlp else TransformerWithValueHeadLora
-    torch.manual_seed(seed)
-    model = cls.from_pretrained(name, lora_alpha=ALPHA, rank=RANK, device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in adaptor_values(model):
-            for _, B, _ in layer.values():
-                B.copy_(torch.randn(B.shape, generator=gen, dtype=B.dtype) * b_std)
-    return model
-
-
-def tokens(model, batch: int = 2, seq: int = 9, seed: int = 3) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(1, model.cfg.d_vocab, (batch, seq), generator=gen).to(model.cfg.device)
-
 
 MODELS = ["tiny-llama", "tiny-pythia"]
 
@@ -107,14 +78,6 @@ def test_merge_with_zero_adaptors_is_the_base_model():
     toks = tokens(model)
     with torch.no_grad():
         assert torch.equal(merge_lora(model)(toks), model(toks))
-
-
-# fp32 noise floor of the embedded model (30 layers, logits up to ~35): the base model itself gives
-# logits differing by up to 1.6e-4 when run on a batch or one row at a time, and merged vs hooked
-# measured 5e-5 to 4e-4 over random inputs (5e-5 to 1.1e-4 on English text), whatever the size
-# of B. So in fp32 the embedded model is compared at its noise floor, and the exactness of the
-# merge is shown in float64 below (measured 3e-13); the tiny models stay within 1e-5 in fp32.
-SMOLLM2_ATOL = 3e-4
 
 
 @pytest.mark.slow

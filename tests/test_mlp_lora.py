@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import make_lora_model, tokens
+from helpers import make_lora_model, tokens
 
 from lora_rlhf.authoring.implementations import load_section
 from lora_rlhf.authoring.sync import render

@@ -6,17 +6,15 @@ import json
 import os
 import time
 
-import einops
 import huggingface_hub.constants
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from helpers import assert_forward_copies_no_weights
 
 from lora_rlhf.models import OFFLINE_MODELS, ModelUnavailableError, check_model_name, load_model
 from lora_rlhf.models import smollm2 as smollm2_module
 
 TINY_MODELS = ["tiny-llama", "tiny-pythia"]
-MLP_WEIGHTS = ("W_in", "W_gate", "W_out")
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, there was a little",
@@ -211,62 +209,6 @@ def test_smollm2_greedy_continuation_knows_the_capital_of_france(smollm2):
         "The capital of France is", max_new_tokens=2, do_sample=False, verbose=False
     )
     assert text == "The capital of France is Paris."
-
-
-class LinearWeights(TorchFunctionMode):
-    """Records the storage of every weight matrix passed to ``F.linear``."""
-
-    def __init__(self):
-        super().__init__()
-        self.data_ptrs: set[int] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            self.data_ptrs.add(weight.data_ptr())
-        return func(*args, **kwargs)
-
-
-def linear_weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (parameter, the weight TransformerLens 3.9 computes from it for F.linear)}`` for
-    every weight a HookedTransformer's forward passes to ``F.linear`` (grouped-query attention: the
-    real K/V weights ``_W_K``/``_W_V``, not the ``W_K``/``W_V`` properties that repeat them)."""
-
-    def qkv(W):  # utilities/attention.py, simple_attn_linear
-        return einops.rearrange(W, "head_index d_model d_head -> (head_index d_head) d_model")
-
-    def out(W):  # components/abstract_attention.py, AbstractAttention.forward
-        return einops.rearrange(W, "head_index d_head d_model -> d_model (head_index d_head)")
-
-    weights = {"unembed.W_U": (model.W_U, model.W_U.T.contiguous())}
-    for i, block in enumerate(model.blocks):
-        attn, mlp = block.attn, block.mlp
-        grouped = getattr(attn, "_W_K", None) is not None
-        kv = ("_W_K", "_W_V") if grouped else ("W_K", "W_V")
-        for name in ("W_Q", *kv):
-            W = getattr(attn, name)
-            weights[f"blocks.{i}.attn.{name}"] = (W, qkv(W))
-        weights[f"blocks.{i}.attn.W_O"] = (attn.W_O, out(attn.W_O).contiguous())
-        for name in MLP_WEIGHTS:
-            W = getattr(mlp, name)
-            weights[f"blocks.{i}.mlp.{name}"] = (W, W.T.contiguous())
-    return weights
-
-
-def assert_forward_copies_no_weights(model) -> None:
-    """What TransformerLens computes from each weight for F.linear is a view of the weight's
-    storage, and F.linear gets exactly these storages during a forward."""
-    weights = linear_weights(model)
-    assert len(weights) == 1 + 7 * model.cfg.n_layers
-    for name, (W, passed) in weights.items():
-        assert passed.is_contiguous() and passed.data_ptr() == W.data_ptr(), name
-    mode = LinearWeights()
-    with torch.no_grad(), mode:
-        model(torch.tensor([[1, 2]], device=model.cfg.device))
-    copied = [name for name, (W, _) in weights.items() if W.data_ptr() not in mode.data_ptrs]
-    assert not copied, f"F.linear got copies of {copied[:3]}"
-    assert mode.data_ptrs == {W.data_ptr() for W, _ in weights.values()}
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
+from helpers import ALPHA, RANK, SMOLLM2_ATOL, make_lora_model, tokens
 from safetensors.torch import load_file
-from test_merge import ALPHA, RANK, SMOLLM2_ATOL, make_lora_model, tokens
 
 from lora_rlhf.adapters.peft_export import (
     PEFT_CONFIG,

@@ -319,7 +319,7 @@ def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, no_model_
 def test_plot_reward_curves_compares_runs(finished_run, tmp_path):
     import matplotlib.image
 
-    from lora_rlhf.cli.plots import plot_reward_curves
+    from lora_rlhf.plots import plot_reward_curves
 
     history = train_cli.read_metrics(finished_run)
     path = plot_reward_curves({"seed 1": history, "seed 2": history[:2]}, tmp_path / "seeds.png")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_args
 
 import lora_rlhf.rlhf.trainer as trainer_module
 from lora_rlhf.rlhf.args import RLHFArgs
@@ -38,20 +39,6 @@ METRIC_KEYS = {
     "rollout_seconds",
     "phase_seconds",
 }
-
-
-def tiny_args(base_model="tiny-llama", **overrides) -> RLHFArgs:
-    settings = dict(
-        base_model=base_model,
-        total_phases=2,
-        warmup_steps=0,
-        batch_size=4,
-        num_minibatches=2,
-        batches_per_learning_phase=1,
-        gen_len=4,
-        device="cpu",
-    )
-    return RLHFArgs(**{**settings, **overrides})
 
 
 @pytest.mark.parametrize("base_model", TINY_MODELS)

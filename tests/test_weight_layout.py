@@ -9,13 +9,11 @@ conversion functions), which is cheap; the merged SmolLM2 is checked too (slow).
 from __future__ import annotations
 
 import torch
-from test_merge import make_lora_model, tokens
-from test_models import assert_forward_copies_no_weights
+from helpers import assert_forward_copies_no_weights, make_lora_model, tokens
 from transformer_lens import HookedTransformer
 
 from lora_rlhf.adapters.merge import merge_lora
-from lora_rlhf.models import load_model
-from lora_rlhf.models import smollm2 as smollm2_module
+from lora_rlhf.models import load_model, smollm2_layout
 
 
 def base_parameters(model: HookedTransformer) -> dict[str, torch.Tensor]:
@@ -23,14 +21,14 @@ def base_parameters(model: HookedTransformer) -> dict[str, torch.Tensor]:
     return {
         n: p
         for n, p in model.named_parameters()
-        if n.split(".", 1)[0] in smollm2_module._BASE_MODULES
+        if n.split(".", 1)[0] in smollm2_layout.BASE_MODULES
     }
 
 
 def in_cache_layout(model: HookedTransformer) -> HookedTransformer:
     """`model` with its base weights laid out as the smollm2 cache lays them out, in place."""
-    stored = smollm2_module._to_stored(base_parameters(model).items())
-    model.load_state_dict(smollm2_module._from_stored(stored), strict=False, assign=True)
+    stored = smollm2_layout.to_stored(base_parameters(model).items())
+    model.load_state_dict(smollm2_layout.from_stored(stored), strict=False, assign=True)
     return model
 
 

@@ -29,7 +29,6 @@ ALIASES: dict[str, str] = {
     "lora_rlhf.merge": "lora_rlhf.adapters.merge",
     "lora_rlhf.mlp_lora": "lora_rlhf.lessons.bonus_mlp_lora",
     "lora_rlhf.peft_export": "lora_rlhf.adapters.peft_export",
-    "lora_rlhf.plots": "lora_rlhf.cli.plots",
     "lora_rlhf.ppo": "lora_rlhf.rlhf.ppo",
     "lora_rlhf.ppo_kernels": "lora_rlhf.fast.ppo_kernels",
     "lora_rlhf.rewards": "lora_rlhf.rlhf.rewards",

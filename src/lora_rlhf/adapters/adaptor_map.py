@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from lora_rlhf.adapters.files import ATTN_TARGETS, MLP_TARGETS, adaptor_values
+from lora_rlhf.adapters.contract import ATTN_TARGETS, MLP_TARGETS, adaptor_values
 
 MAP_FILE = "adaptor_map.png"
 ROWS_STACKED = ("o", "mlp_out")  # heads stacked along the weight's input axis
@@ -168,8 +168,8 @@ def save_adaptor_map(
     model: nn.Module, path, title: str = "Where the adaptors learned"
 ) -> AdaptorMap:
     """Compute the map of `model`'s adaptors and draw it to the PNG `path`
-    (:func:`lora_rlhf.cli.plots.plot_adaptor_map`); returns the map."""
-    from lora_rlhf.cli.plots import plot_adaptor_map
+    (:func:`lora_rlhf.plots.plot_adaptor_map`); returns the map."""
+    from lora_rlhf.plots import plot_adaptor_map
 
     amap = adaptor_map(model)
     plot_adaptor_map(amap, path, title=title)

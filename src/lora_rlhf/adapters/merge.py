@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.components import RMSNorm
 
-from lora_rlhf.adapters.files import adaptor_values
+from lora_rlhf.adapters.contract import adaptor_values
 from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed_to_embed, unembed_is_tied
 
 MLP_WEIGHTS = {"mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lora_rlhf.fast.lean_trainer import LeanMemory
 from lora_rlhf.lessons.section2_lora import RLHFArgsLora
 from lora_rlhf.lessons.section3_grpo import GroupMemory, GRPOArgsLora, GRPOTrainerLora
 from lora_rlhf.rlhf.args import ArgsError
@@ -44,8 +45,9 @@ def grpo_args(
         raise ArgsError(str(err)) from None
 
 
-class GRPOTrainer(GRPOTrainerLora):
-    """:class:`GRPOTrainerLora` taking the command's RLHFArgsLora, with its KL controller."""
+class GRPOTrainer(LeanMemory, GRPOTrainerLora):
+    """:class:`GRPOTrainerLora` taking the command's RLHFArgsLora, with its KL controller, in the
+    engine's memory-lean way (:mod:`lora_rlhf.fast.lean_trainer`: the same values)."""
 
     def __init__(
         self,

@@ -23,6 +23,17 @@ from lora_rlhf.adapters.files import (
     read_adapter_weights,
 )
 
+# The files of a run folder (what :mod:`lora_rlhf.cli.recorder` writes); they are named here, with
+# the folder's checks, so that the checks need nothing from the modules that write them.
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "reward_curve.png"
+SAMPLES_MD = "samples.md"
+SAMPLES_JSON = "samples.json"
+TRAINER_STATE = "trainer_state.pt"
+# a folder holding one of these holds a run
+RUN_FILES = (ADAPTER_CONFIG, METRICS_FILE, "checkpoints")
+SUMMARY_EVENT = "summary"  # metrics.jsonl's last line: {"event": "summary", ...}
+
 FIX = (
     "this run cannot be resumed from it: restore the file from a copy, or start a new run "
     "with another --out (nothing was overwritten)"
@@ -40,8 +51,6 @@ def check_run_folder(folder: str | Path, fix: str = FIX) -> dict[str, Any]:
     Raises :class:`AdapterFileError` with one line naming the first missing or damaged file.
     """
     import torch
-
-    from lora_rlhf.cli.outputs import METRICS_FILE, SAMPLES_JSON, TRAINER_STATE
 
     folder = Path(folder)
     try:
@@ -137,8 +146,6 @@ def choose_resume_source(path: str | Path) -> tuple[Path, Path, list[str]]:
 def metrics_past(run_folder: str | Path, phases_done: int) -> list[int | None]:
     """The phases of the lines of a run's ``metrics.jsonl`` past ``phases_done`` (None for a line
     that is not readable JSON, such as one cut short by a kill): what resuming drops."""
-    from lora_rlhf.cli.outputs import METRICS_FILE
-
     file = Path(run_folder) / METRICS_FILE
     if not file.is_file():
         return []

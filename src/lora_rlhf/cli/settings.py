@@ -380,7 +380,7 @@ def check_out(out: Path, resume: ResumePoint | None) -> None:
         resume is not None and out.exists() and out.resolve() == resume.run_folder.resolve()
     )
     if out.is_dir() and not same_as_resumed:
-        from lora_rlhf.cli.outputs import RUN_FILES
+        from lora_rlhf.cli.run_files import RUN_FILES
 
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held:

@@ -17,8 +17,9 @@ Every ``--save-every`` phases it also writes a checkpoint (:mod:`lora_rlhf.cli.c
 what was learned so far (:mod:`lora_rlhf.cli.stop_signals`; exit status 128 + the signal's number:
 130, 143, 129).
 
-This module is the command (its options, the plan, the run); the defaults and the checks are in
-:mod:`lora_rlhf.cli.settings`, what a run writes and reads back in :mod:`lora_rlhf.cli.outputs`.
+This module is the command (the plan, the run). Its options are in
+:mod:`lora_rlhf.cli.train_options`, the defaults and the checks in :mod:`lora_rlhf.cli.settings`,
+what a run writes in :mod:`lora_rlhf.cli.recorder` and reads back in :mod:`lora_rlhf.cli.outputs`.
 """
 
 from __future__ import annotations
@@ -27,18 +28,12 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from lora_rlhf.cli.outputs import (
-    RunRecorder,
-    print_summary,
-    read_metrics,
-    restore,
-)
+from lora_rlhf.cli.outputs import print_summary, read_metrics, restore
+from lora_rlhf.cli.recorder import RunRecorder
 from lora_rlhf.cli.settings import (
     DEFAULTS,
-    DTYPES,
     Plan,
     UsageError,
     build_args,
@@ -50,37 +45,14 @@ from lora_rlhf.cli.settings import (
     default_out,
     kl_label,
     merge_settings,
-    parse_kl_target,
     read_resume_point,
     reward_label,
 )
 from lora_rlhf.cli.stop_signals import StopSignals, exit_status, signal_name
+from lora_rlhf.cli.train_options import ALGOS, LIST_REWARDS, add_options
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-_build_args = build_args  # the name benchmarks/phase.py and scripts/measure_memory.py use
-LIST_REWARDS = "list"  # --reward list: describe the rewards and exit
-
-
-def _ppo_trainer() -> type:
-    from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
-
-    return RLHFTrainerLora
-
-
-def _grpo_trainer() -> type:
-    from lora_rlhf.cli.grpo_trainer import GRPOTrainer
-
-    return GRPOTrainer
-
-
-# --algo name -> (one-line description, a function returning the trainer class). Another algorithm
-# registers itself here; its trainer's ``__init__`` takes RLHFArgsLora alone and builds the model
-# from ``model_class``, so that --impl can swap in a submission's TransformerWithValueHeadLora.
-ALGOS: dict[str, tuple[str, Callable[[], type]]] = {
-    "ppo": ("PPO with a value head (Section 1)", _ppo_trainer),
-    "grpo": ("GRPO, groups of samples and no value head (bonus section)", _grpo_trainer),
-}
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -96,131 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="Defaults are the settings of the documented default run (docs/training.md). "
         "With --resume, an option left out keeps the resumed run's value.",
     )
-    d = DEFAULTS
-
-    def opt(group, *flags, help, **kw):
-        dest = flags[0].lstrip("-").replace("-", "_")
-        default = d.get(dest)
-        suffix = f" (default: {default})" if default is not None else ""
-        kw.setdefault("metavar", {int: "N", float: "X"}.get(kw.get("type"), dest.upper()))
-        # default None: an option given on the command line can be told from one left out.
-        group.add_argument(*flags, default=None, help=help + suffix, **kw)
-
-    what = p.add_argument_group("what to train")
-    opt(
-        what,
-        "--model",
-        help="base model: smollm2-135m, tiny-llama, tiny-pythia or a TransformerLens name",
-    )
-    opt(
-        what,
-        "--impl",
-        help="whose classes: library, solutions, exercises, or a submission's .py file/folder",
-    )
-    opt(
-        what,
-        "--algo",
-        choices=sorted(ALGOS),
-        help="the RL algorithm: " + "; ".join(f"{k}: {v[0]}" for k, v in sorted(ALGOS.items())),
-    )
-    opt(
-        what,
-        "--group-size",
-        type=int,
-        help="--algo grpo: samples per group, each other's baseline (divides --batch-size)",
-    )
-    opt(
-        what,
-        "--advantage",
-        choices=("grpo", "rloo"),
-        help="--algo grpo: (reward − group mean) / group std, or reward − mean of the others",
-    )
-    opt(
-        what,
-        "--reward",
-        help="reward function: char_count, length, no_char, sentiment, … "
-        "('--reward list' describes each)",
-    )
-    opt(what, "--char", help="the character char_count counts (and no_char penalises)")
-    opt(
-        what,
-        "--prefix",
-        help="the prompt every sample continues (sentiment: 'This movie was'; others: 'This is')",
-    )
-
-    hp = p.add_argument_group("hyperparameters")
-    opt(hp, "--phases", type=int, help="total phases (rollout + learning phase)")
-    opt(hp, "--batch-size", type=int, help="samples per rollout")
-    opt(
-        hp,
-        "--minibatches",
-        type=int,
-        help="minibatches per pass over the rollout (divides --batch-size)",
-    )
-    opt(hp, "--batches-per-phase", type=int, help="passes over each rollout in its learning phase")
-    opt(hp, "--gen-len", type=int, help="tokens generated per sample")
-    opt(hp, "--rank", type=int, help="LoRA rank r")
-    opt(hp, "--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/r)")
-    opt(hp, "--base-lr", type=float, help="learning rate of the adaptors")
-    opt(hp, "--head-lr", type=float, help="learning rate of the value head")
-    opt(
-        hp,
-        "--kl-coef",
-        type=float,
-        help="weight of the KL penalty against the base model (with --kl-target: its start)",
-    )
-    opt(
-        hp,
-        "--kl-target",
-        type=parse_kl_target,
-        help="KL(π‖π_ref) per generated token that an adaptive coefficient steers towards "
-        "(Ziegler et al. 2019), or off: --kl-coef stays fixed, as in Section 1",
-    )
-    opt(
-        hp,
-        "--kl-horizon",
-        type=float,
-        help="samples over which the adaptive coefficient corrects a KL error (larger: slower)",
-    )
-    opt(hp, "--max-grad-norm", type=float, help="clip the gradient norm to this (inf: no clipping)")
-    opt(hp, "--ent-coef", type=float, help="weight of the entropy bonus")
-    opt(hp, "--warmup", type=int, help="phases of linear learning-rate warm-up")
-    opt(hp, "--final-scale", type=float, help="learning-rate multiplier reached at the last phase")
-    opt(hp, "--temperature", type=float, help="sampling temperature")
-    opt(hp, "--top-k", type=int, help="sample from the k likeliest tokens (0: all)")
-    opt(hp, "--seed", type=int, help="random seed (same seed and device: same metrics)")
-    opt(hp, "--dtype", choices=DTYPES, help="dtype of the model and adaptors")
-
-    run = p.add_argument_group("run")
-    run.add_argument(
-        "--out", help="output folder (default: runs/<timestamp>; with --resume, the resumed folder)"
-    )
-    run.add_argument(
-        "--resume",
-        metavar="DIR_OR_ADAPTER",
-        help="continue a saved run: its folder (its newest intact checkpoint or save), one of its "
-        "checkpoint folders, or its adapter file",
-    )
-    opt(
-        run,
-        "--save-every",
-        type=int,
-        help="write a checkpoint every N phases, for --resume after a kill (0: none, only the "
-        "save at the end or on a stop)",
-    )
-    run.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present, else cpu)")
-    run.add_argument(
-        "--threads",
-        type=int,
-        help="torch CPU threads (default: torch's; 1 helps on a busy machine)",
-    )
-    run.add_argument(
-        "--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)"
-    )
-    run.add_argument(
-        "--wandb-project", default="lora-rlhf", help="wandb project (default: lora-rlhf)"
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_options(p)
     p.set_defaults(func=run_command)
     return p
 
@@ -240,6 +88,9 @@ def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
         from lora_rlhf.fast.lora import with_fast_lora
 
         return with_fast_lora(trainer_class)
+    # Any other --impl trains its own classes as written, in the engine's memory-lean way.
+    from lora_rlhf.fast.lean_trainer import with_lean_memory
+
     try:
         module = load_impl(impl_spec)
     except ImplementationError as err:
@@ -256,8 +107,9 @@ def _trainer_class(impl_spec: str, algo: str = "ppo") -> type:
         )
     own = getattr(module, "RLHFTrainerLora", None)
     if algo == "ppo" and isinstance(own, type) and issubclass(own, RLHFTrainer):
-        return own  # the submission's own trainer (the course gives it), building its own model
-    return type(trainer_class.__name__, (trainer_class,), {"model_class": model_class})
+        return with_lean_memory(own)  # the submission's own trainer, building its own model
+    own_model = type(trainer_class.__name__, (trainer_class,), {"model_class": model_class})
+    return with_lean_memory(own_model)
 
 
 def prepare(args: argparse.Namespace) -> Plan:

@@ -1,6 +1,7 @@
 """The engine: the fast path of the LoRA model (:mod:`~lora_rlhf.fast.lora`), the
-memory-lean PPO kernels, the lean hook registration and the heap tuner. Each is tested equal to
-the lesson code it stands in for.
+memory-lean PPO kernels, the lean hook registration, the heap tuner, and the opt-in that trains a
+Section 1 or lesson trainer with the last two (:mod:`~lora_rlhf.fast.lean_trainer`). Each is
+tested equal to the lesson code it stands in for.
 
 ``from lora_rlhf.fast import fast_lora`` (the fast path's names, as before the move) is forwarded
 to :mod:`lora_rlhf.fast.lora` on first use, so importing a leaf module (``fast.memory``) does not

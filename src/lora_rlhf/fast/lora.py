@@ -19,7 +19,7 @@ cost more than the adaptors' arithmetic (docs/benchmarks.md). The fast path comp
   a parameter is replaced or changed in place, and products are accumulated into the activation
   (``addmm_``). Under autograd they are built anew each pass, so gradients reach every A and B.
 
-Only the adaptor contract is read (:func:`lora_rlhf.adapters.files.scaling_of`) —
+Only the adaptor contract is read (:func:`lora_rlhf.adapters.contract.scaling_of`) —
 ``model.lora[i].lora_q/k/v/o``, each with ``A``, ``B``, ``rank`` and ``lora_alpha`` — so it runs
 the library's classes and a student's alike.
 
@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.components import GroupedQueryAttention
 
-from lora_rlhf.adapters.files import scaling_of
+from lora_rlhf.adapters.contract import scaling_of
 from lora_rlhf.fast.hooks import use_attached_hooks
+from lora_rlhf.fast.lean_trainer import with_lean_memory
 from lora_rlhf.lessons.section2_lora import RLHFTrainerLora
 
 # The teaching hooks of layer i whose work the fast path does (any other LoRA hook, e.g. the MLP
@@ -110,9 +111,10 @@ def install_fast_lora(model: nn.Module) -> Callable[[], None]:
 
 def with_fast_lora(trainer_class: type[RLHFTrainerLora]) -> type[RLHFTrainerLora]:
     """`trainer_class` (RLHFTrainerLora or a subclass) whose model runs its adaptors through the
-    fast path, installed as soon as its `__init__` has built the model."""
+    fast path, installed as soon as its `__init__` has built the model; it trains in the engine's
+    memory-lean way too (:func:`lora_rlhf.fast.lean_trainer.with_lean_memory`)."""
 
-    class Fast(trainer_class):
+    class Fast(with_lean_memory(trainer_class)):
         def __init__(self, args, *more, **kwargs):
             super().__init__(args, *more, **kwargs)
             install_fast_lora(self.model)

@@ -35,7 +35,7 @@ def grade(*args, **kwargs) -> GradeReport:
 
 def __getattr__(name: str):
     if name in ("GradeReport", "Limits"):
-        from lora_rlhf.grading import grader
+        import lora_rlhf.grading.grader as grader
 
         return getattr(grader, name)
     raise AttributeError(name)

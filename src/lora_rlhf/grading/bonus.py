@@ -13,12 +13,14 @@ import ast
 import tempfile
 from pathlib import Path
 
+import lora_rlhf.grading.sandbox as sandbox
+import lora_rlhf.grading.static as static
 from lora_rlhf.authoring.implementations import ImplementationError
 from lora_rlhf.authoring.sync import definitions
 from lora_rlhf.checks.grpo_checks import GRPO_EXERCISES, GRPO_FILE, grpo_checks_for
-from lora_rlhf.grading import sandbox, static
 from lora_rlhf.grading.sandbox import Limits, Outcome
 from lora_rlhf.grading.submissions import IGNORED, NOTEBOOK, notebook_as_script, twin_files
+from lora_rlhf.grading.verdicts import failed_result, verdict
 
 LIBRARY_GRPO = ("lora_rlhf.lessons.section3_grpo", "lora_rlhf.cli.grpo_trainer")
 
@@ -60,7 +62,7 @@ def _script(path: Path, folder: Path) -> Path:
 
 def imports_library_grpo(path: Path) -> int | None:
     """The line of the first import of the library's GRPO code (the reference solution), or None."""
-    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+    for node in ast.walk(static.parse(path.read_bytes(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -103,43 +105,39 @@ def _attempted(path: Path, results: list, notes: list[str]) -> tuple[list, list[
 
 
 def _grade_found(found: Path, limits: Limits | None) -> tuple[list, list[str]]:
-    from lora_rlhf.grading.grader import _failed
-
     with tempfile.TemporaryDirectory(prefix="lora-rlhf-bonus-") as folder:
         try:
             path = _script(found.resolve(), Path(folder))
         except ImplementationError as err:
             message = f"Bonus (GRPO): {err}"
-            return [_failed(c, str(err)) for c in grpo_checks_for()], [message]
+            return [failed_result(c, str(err)) for c in grpo_checks_for()], [message]
         return _grade_file(path, limits or Limits())
 
 
 def _grade_file(path: Path, limits: Limits) -> tuple[list, list[str]]:
-    from lora_rlhf.grading.grader import _failed, _verdict
-
     checks = grpo_checks_for()
     problem = static.syntax_error(path)
     if problem:
         note = f"Bonus (GRPO): {path.name} does not compile: {problem}"
-        return [_failed(c, f"syntax error: {problem}") for c in checks], [note]
+        return [failed_result(c, f"syntax error: {problem}") for c in checks], [note]
     scan = static.scan(path)
     if scan.tampering:
         first = scan.tampering[0]
         message = f"tampering ({path.name} line {first.line}: {first.message}): no points"
         note = f"Bonus (GRPO): no points for tampering ({path.name} line {first.line}: {first.message})"
-        return [_failed(c, message) for c in checks], [note]
+        return [failed_result(c, message) for c in checks], [note]
     line = imports_library_grpo(path)
     if line is not None:
         message = f"no points: {path.name} line {line} imports the library's GRPO solution"
-        return [_failed(c, message) for c in checks], [f"Bonus (GRPO): {message}"]
+        return [failed_result(c, message) for c in checks], [f"Bonus (GRPO): {message}"]
 
     results: dict[str, object] = {}
     by_name = {c.name: c for c in checks}
 
     def emit(outcome: Outcome) -> None:
-        results[outcome.check] = _verdict(by_name[outcome.check], outcome, limits)
+        results[outcome.check] = verdict(by_name[outcome.check], outcome, limits)
 
     sandbox.start_server()
     with tempfile.TemporaryDirectory(prefix="lora-rlhf-grade-bonus-") as scratch:
         sandbox.run_probes(path, list(by_name), limits, emit, Path(scratch))
-    return [results.get(c.name) or _failed(c, "not graded") for c in checks], []
+    return [results.get(c.name) or failed_result(c, "not graded") for c in checks], []

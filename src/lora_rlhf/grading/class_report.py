@@ -246,7 +246,7 @@ def write_class_report(out: str | Path, names: list[str] | None = None) -> tuple
     Raises:
         FileNotFoundError: `out` holds no graded students (the message says which folder).
     """
-    from lora_rlhf.cli.plots import plot_class_scores
+    from lora_rlhf.plots import plot_class_scores
 
     out = Path(out)
     names = roster(out) if names is None else names

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_rlhf.grading import timing
+import lora_rlhf.grading.timing as timing
 
 DESCRIPTION = """Grade a submission of the Section 2 exercises: a .py file defining Lora, LoraHooks,
 TransformerWithValueHeadLora (and RLHFTrainerLora), or a folder holding section2_lora.py. Its code

@@ -8,13 +8,13 @@ or this process's libraries.
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_rlhf.grading import sandbox, static
+import lora_rlhf.grading.sandbox as sandbox
+import lora_rlhf.grading.static as static
 from lora_rlhf.grading.sandbox import Limits, Outcome
 from lora_rlhf.grading.submissions import (
     NOTEBOOK,
@@ -22,20 +22,9 @@ from lora_rlhf.grading.submissions import (
     submission_file,
     twin_files,
 )
+from lora_rlhf.grading.verdicts import failed_result, verdict
 
 __all__ = ["GradeReport", "Limits", "grade"]
-
-MAX_MESSAGE_CHARS = 2000
-MEMORY_SIGNS = (
-    "can't allocate memory",
-    "not enough memory",
-    "Cannot allocate memory",
-    "MemoryError",
-    "std::bad_alloc",
-    "out of memory",
-)
-# Judges share cached reference models (and run hooks on them): one verdict at a time.
-_JUDGE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -72,34 +61,6 @@ class GradeReport:
         for r in self.results:
             out.setdefault(r.exercise, []).append(r)
         return out
-
-
-def _failed(check, message: str):
-    from lora_rlhf.checks import CheckResult
-
-    return CheckResult(
-        name=check.name,
-        exercise=check.exercise,
-        passed=False,
-        message=message,
-        points=0.0,
-        max_points=check.points,
-    )
-
-
-def _verdict(check, outcome: Outcome, limits: Limits):
-    from lora_rlhf.checks.core import judge_outputs
-
-    if outcome.failure is not None:
-        result = _failed(check, outcome.failure)
-    else:
-        with _JUDGE_LOCK:
-            result = judge_outputs(check, outcome.outputs)
-    if not result.passed and any(sign in result.message for sign in MEMORY_SIGNS):
-        result.message += f" — the submission went over the memory limit ({limits.memory_mb} MB)"
-    if len(result.message) > MAX_MESSAGE_CHARS:
-        result.message = result.message[: MAX_MESSAGE_CHARS - 1] + "…"
-    return result
 
 
 def _not_written(planned: list, results: dict) -> list[str]:
@@ -181,7 +142,7 @@ def _grade_file(path: Path, limits: Limits, checks: Iterable[str] | None) -> Gra
     notes: list[str] = []
     if problem:
         notes.append(f"The submission does not compile: {problem}")
-        results = {c.name: _failed(c, f"syntax error: {problem}") for c in planned}
+        results = {c.name: failed_result(c, f"syntax error: {problem}") for c in planned}
     else:
         scan = static.scan(path)
         if scan.tampering:
@@ -191,7 +152,7 @@ def _grade_file(path: Path, limits: Limits, checks: Iterable[str] | None) -> Gra
             )
             first = scan.tampering[0]
             message = f"tampering ({path.name} line {first.line}: {first.message}): no points"
-            results = {c.name: _failed(c, message) for c in planned}
+            results = {c.name: failed_result(c, message) for c in planned}
         if scan.reused:
             notes.append(
                 "No points for exercises that reuse the library's reference classes:\n"
@@ -201,19 +162,21 @@ def _grade_file(path: Path, limits: Limits, checks: Iterable[str] | None) -> Gra
             culprit = next((n for n in (c.exercise, *c.needs) if n in scan.reused), None)
             if c.name not in results and culprit:
                 finding = scan.reused[culprit]
-                results[c.name] = _failed(c, f"no points: {finding.message} (line {finding.line})")
+                results[c.name] = failed_result(
+                    c, f"no points: {finding.message} (line {finding.line})"
+                )
 
     to_run = [c for c in planned if c.name not in results]
     if to_run:
         by_name = {c.name: c for c in to_run}
 
         def emit(outcome: Outcome) -> None:
-            results[outcome.check] = _verdict(by_name[outcome.check], outcome, limits)
+            results[outcome.check] = verdict(by_name[outcome.check], outcome, limits)
 
         with tempfile.TemporaryDirectory(prefix="lora-rlhf-grade-") as scratch:
             sandbox.run_probes(path, [c.name for c in to_run], limits, emit, Path(scratch))
         for c in to_run:  # never leave a check without a verdict
-            results.setdefault(c.name, _failed(c, "not graded"))
+            results.setdefault(c.name, failed_result(c, "not graded"))
 
     notes += _not_written(planned, results)
     return GradeReport(

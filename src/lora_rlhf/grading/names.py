@@ -27,8 +27,10 @@ PRIVATE_MODULES = (
     "lora_rlhf.authoring.sync",
     "lora_rlhf.cli.command",
     "lora_rlhf.cli.train",
+    "lora_rlhf.cli.train_options",
     "lora_rlhf.cli.settings",
     "lora_rlhf.cli.outputs",
+    "lora_rlhf.cli.recorder",
     "lora_rlhf.cli.run_files",
 )
 MISSING = object()

@@ -27,7 +27,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from lora_rlhf.grading import timing
+import lora_rlhf.grading.timing as timing
 
 PRELOAD = [
     "numpy",
@@ -134,7 +134,7 @@ class Worker:
     """One child process: imports the submission, runs `checks`' probes, sends their outputs."""
 
     def __init__(self, path: Path, checks: list[str], memory_mb: int, scratch: Path):
-        from lora_rlhf.grading import worker
+        import lora_rlhf.grading.worker as worker
 
         self.nonce = secrets.token_hex(16)
         n = next(_ids)

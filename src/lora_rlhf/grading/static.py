@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,17 @@ from lora_rlhf.grading.names import Finding, Names
 from lora_rlhf.grading.reuse import find_reuse
 from lora_rlhf.grading.tamper import find_tampering
 
-__all__ = ["Finding", "ScanReport", "scan", "syntax_error"]
+__all__ = ["Finding", "ScanReport", "parse", "scan", "syntax_error"]
+
+# CPython 3.11.7 (gh-106905) can fail ast.parse in threads that parse at once ("AST constructor
+# recursion depth mismatch"), which grade-class's threads do: one parse at a time.
+_PARSE_LOCK = threading.Lock()
+
+
+def parse(source: str | bytes, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse``, one thread at a time (see ``_PARSE_LOCK``)."""
+    with _PARSE_LOCK:
+        return ast.parse(source, filename)
 
 
 @dataclass
@@ -52,7 +63,7 @@ def _install_cell() -> str:
     spec = importlib.util.find_spec("lora_rlhf.authoring.sync")
     if spec is None or spec.origin is None:
         return ""
-    tree = ast.parse(Path(spec.origin).read_text())
+    tree = parse(Path(spec.origin).read_text())
     for node in tree.body:
         targets = node.targets if isinstance(node, ast.Assign) else []
         if any(isinstance(t, ast.Name) and t.id == "INSTALL_CELL" for t in targets):
@@ -84,7 +95,7 @@ def install_cell_lines(source: str) -> range:
 def scan(path: Path) -> ScanReport:
     """Tampering and reuse of the reference classes in a file that compiles."""
     data = path.read_bytes()
-    names = Names(ast.parse(data, str(path)))
+    names = Names(parse(data, str(path)))
     exempt = install_cell_lines(data.decode("utf-8", errors="replace"))
     tampering = [f for f in find_tampering(names) if f.line not in exempt]
     return ScanReport(tampering=tampering, reused=find_reuse(names))

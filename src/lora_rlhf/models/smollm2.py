@@ -17,15 +17,13 @@ with a SHA-256 manifest, and later loads only map the files:
     layer, under the keys ``<name>.linear``: TransformerLens rearranges them into
     ``[(head d_head), d_model]`` and ``[d_model, (head d_head)]``, stored as
     ``[head, d_head, d_model]`` and ``[d_model, head, d_head]`` (the same bytes).
-
   - no ``W_U``: SmolLM2's output layer is its embedding (``tie_word_embeddings``), and the model
     is loaded that way: ``W_U`` is the view ``W_E.T`` (so ``F.linear`` receives ``W_E`` itself)
     and the final norm keeps its weight, ``ln_final.w``, instead of having it folded into a second
     108 MiB matrix (see :mod:`lora_rlhf.models.sharing`).
 
-  With the storage already in that layout, the transpose or rearrangement and ``.contiguous()``
-  are views, not copies: otherwise ~540 MB (~430 MB MLP and unembedding, ~106 MB attention) would
-  be copied on every forward, i.e. every generated token, and kept alive for backward.
+  With the storage already in that layout (:mod:`lora_rlhf.models.smollm2_layout`), the
+  rearrangement and ``.contiguous()`` are views: no weight is copied on a forward.
 * ``hf/`` — the transformers model de-quantized from the GGUF, as transformers builds it: the raw
   GGUF weights (not TransformerLens' processed ones), the independent reference. fp32 (~540 MB):
   the GGUF's tensors are Q4_1/Q8_0 blocks, whose de-quantized values need fp32 to stay exact.
@@ -52,7 +50,14 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lora_rlhf.models.errors import ModelUnavailableError
-from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed, unembed_is_tied
+from lora_rlhf.models.sharing import share_rotary_tables, tie_unembed
+from lora_rlhf.models.smollm2_layout import (
+    BASE_MODULES,
+    from_stored,
+    is_tied_copy,
+    stored_key,
+    to_stored,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +71,6 @@ TL_WEIGHTS = "model.safetensors"  # the HookedTransformer's weights
 HF_DIR = "hf"  # the transformers model: config.json, generation_config.json, model.safetensors
 HF_WEIGHTS = f"{HF_DIR}/model.safetensors"
 WEIGHT_FILES = (TL_WEIGHTS, HF_WEIGHTS)  # what the manifest's SHA-256 sums cover
-# Top-level modules of a HookedTransformer whose parameters the cache holds.
-_BASE_MODULES = {"embed", "pos_embed", "blocks", "ln_final", "unembed"}
-# How the cache stores the weights that TransformerLens passes to F.linear (module docstring):
-# parameter name suffix -> (key suffix, permutation from the parameter to the stored tensor).
-_LAYOUTS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "mlp.W_in": (".T", (1, 0)),  # [d_model, d_mlp] -> [d_mlp, d_model]
-    "mlp.W_gate": (".T", (1, 0)),
-    "mlp.W_out": (".T", (1, 0)),  # [d_mlp, d_model] -> [d_model, d_mlp]
-    "unembed.W_U": (".T", (1, 0)),  # [d_model, d_vocab] -> [d_vocab, d_model]
-    # [head, d_model, d_head] -> [head, d_head, d_model], i.e. [(head d_head), d_model]
-    "attn.W_Q": (".linear", (0, 2, 1)),
-    "attn._W_K": (".linear", (0, 2, 1)),  # grouped-query attention: the K/V heads
-    "attn._W_V": (".linear", (0, 2, 1)),
-    "attn.W_K": (".linear", (0, 2, 1)),  # (plain attention, were n_kv_heads = n_heads)
-    "attn.W_V": (".linear", (0, 2, 1)),
-    # [head, d_head, d_model] -> [d_model, head, d_head], i.e. [d_model, (head d_head)]
-    "attn.W_O": (".linear", (2, 0, 1)),
-}
 # Weights files verified in this process: (path, device, inode, size, mtime_ns, ctime_ns) -> the
 # SHA-256 sum they were found to have (see _verified).
 _VERIFIED: dict[tuple, str] = {}
@@ -144,51 +131,6 @@ def _source_id(src: Path) -> dict:
     except PackageNotFoundError:
         wheel = None
     return {"gguf": src.name, "size": src.stat().st_size, "wheel": wheel}
-
-
-def _layout(name: str) -> tuple[str, tuple[int, ...]] | None:
-    """How parameter `name` is stored: (key suffix, permutation), None when stored as it is."""
-    for suffix, layout in _LAYOUTS.items():
-        if name == suffix or name.endswith("." + suffix):
-            return layout
-    return None
-
-
-def _is_tied_copy(model: HookedTransformer, name: str) -> bool:
-    """Whether parameter `name` is the tied W_U, a view of W_E (not stored)."""
-    return name == "unembed.W_U" and unembed_is_tied(model)
-
-
-def _stored_key(name: str) -> str:
-    """The cache key of HookedTransformer parameter `name` (e.g. ``<name>.T``)."""
-    layout = _layout(name)
-    return name + layout[0] if layout else name
-
-
-def _to_stored(params: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The HookedTransformer's parameters as the cache stores them (see the module docstring)."""
-    out = {}
-    for name, param in params:
-        layout = _layout(name)
-        t = param.detach().permute(layout[1]) if layout else param.detach()
-        out[_stored_key(name)] = t.contiguous()
-    return out
-
-
-def _from_stored(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`_to_stored`: the parameters, those stored in F.linear's layout as
-    permuted views of the stored tensors (so that TransformerLens' transpose or rearrangement
-    and ``.contiguous()`` return views of that storage, not copies)."""
-    out = {}
-    for key, t in stored.items():
-        name = key.rsplit(".", 1)[0]
-        layout = _layout(name)
-        if layout and key == name + layout[0]:
-            inverse = sorted(range(t.dim()), key=layout[1].__getitem__)
-            out[name] = t.permute(inverse)
-        else:
-            out[key] = t
-    return out
 
 
 def _hf_from_gguf(dtype: torch.dtype = torch.float32):
@@ -290,8 +232,8 @@ def _convert(out: Path) -> None:
     )
     if hf.config.tie_word_embeddings:
         tie_unembed(model, final_norm_weight)
-    params = [(n, p) for n, p in model.named_parameters() if not _is_tied_copy(model, n)]
-    save_file(_to_stored(params), out / TL_WEIGHTS)
+    params = [(n, p) for n, p in model.named_parameters() if not is_tied_copy(model, n)]
+    save_file(to_stored(params), out / TL_WEIGHTS)
     del model, state
     # The transformers model as it is, each tensor once (lm_head is tied to the embedding).
     seen: set[int] = set()
@@ -434,11 +376,11 @@ def load_smollm2(
     stored = {k: v.to(dtype) for k, v in load_file(str(target / TL_WEIGHTS)).items()}
     # Only the base model's parameters come from the cache (a subclass may add its own).
     base = {
-        _stored_key(k) for k, _ in model.named_parameters() if k.split(".", 1)[0] in _BASE_MODULES
+        stored_key(k) for k, _ in model.named_parameters() if k.split(".", 1)[0] in BASE_MODULES
     }
     final_norm_weight = stored.pop("ln_final.w", None)  # a tied unembedding (module docstring)
     if final_norm_weight is not None:
-        base.discard(_stored_key("unembed.W_U"))
+        base.discard(stored_key("unembed.W_U"))
     if set(stored) != base or (final_norm_weight is None) == hf_config.tie_word_embeddings:
         # A cache written by another TransformerLens version: rebuild once rather than guess.
         if _rebuilt:
@@ -447,7 +389,7 @@ def load_smollm2(
         return load_smollm2(device, dtype, model_class, _rebuilt=True)
     # assign=True takes the mapped tensors (and the permuted views, strides and all) as the
     # parameters: no copy of the weights.
-    model.load_state_dict(_from_stored(stored), strict=False, assign=True)
+    model.load_state_dict(from_stored(stored), strict=False, assign=True)
     # print_details=False: TransformerLens would print "Moving model to device" on every load.
     # (.to keeps the layout: it preserves the strides of dense tensors.)
     model = model.to(device, print_details=False).eval()

@@ -2,6 +2,6 @@
 training loop, the rewards and the KL coefficient's controller. Plain code a student reads; the
 engine's faster versions live in :mod:`lora_rlhf.fast`.
 
-Imports :mod:`lora_rlhf.models` (and the engine's leaf modules :mod:`lora_rlhf.fast.memory`,
-:mod:`lora_rlhf.fast.ppo_kernels`, which import nothing of the package); never a lesson.
+Imports :mod:`lora_rlhf.models` only: never the engine, never a lesson. The engine opts a trainer
+into its memory-lean kernels and heap handling (:mod:`lora_rlhf.fast.lean_trainer`).
 """

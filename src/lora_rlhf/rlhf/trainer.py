@@ -16,8 +16,6 @@ settings) is made on first use (see ``_DEFAULTS``).
 from __future__ import annotations
 
 import copy
-import netrc
-import os
 import random
 import time
 from collections.abc import Callable
@@ -30,8 +28,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lora_rlhf.fast.memory import lean_heap, release_freed_memory
-from lora_rlhf.fast.ppo_kernels import calc_entropy_bonus, calc_kl_penalty, get_logprobs
 from lora_rlhf.models.devices import default_device
 from lora_rlhf.models.sharing import share_frozen_copies, untie_unembed
 from lora_rlhf.rlhf.args import RLHFArgs
@@ -40,15 +36,19 @@ from lora_rlhf.rlhf.ppo import (
     ReplayMemory,
     ReplayMinibatch,
     calc_clipped_surrogate_objective,
+    calc_entropy_bonus,
+    calc_kl_penalty,
     calc_value_function_loss,
     clip_fraction,
     compute_advantages,
     gen_positions,
+    get_logprobs,
     get_optimizer_and_scheduler,
     get_samples,
 )
 from lora_rlhf.rlhf.rewards import normalize_reward
 from lora_rlhf.rlhf.value_head import HookedTransformerWithValueHead
+from lora_rlhf.rlhf.wandb_log import init_wandb, log_wandb
 
 PhaseCallback = Callable[[dict[str, Any]], None]
 
@@ -86,16 +86,6 @@ def build_trainer(
     trainer.on_phase_end = on_phase_end
     trainer.show_progress = show_progress
     return trainer
-
-
-def _wandb_api_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1]
-    try:
-        return netrc.netrc().authenticators(host.split("/", 1)[0]) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
 
 
 def _model_device(trainer: RLHFTrainer) -> torch.device:
@@ -166,7 +156,6 @@ class RLHFTrainer:
         seed_everything(args.seed)
         self.optimizer, self.scheduler = self.build_optimizer_and_scheduler()
         self.kl_controller: KLController = make_kl_controller(args)
-        release_freed_memory()  # what loading the weights left free (see lora_rlhf.fast.memory)
         prompt_ids = self.model.to_tokens(args.prefix, prepend_bos=args.prepend_bos)
         self.prefix_len: int = prompt_ids.shape[-1]
 
@@ -246,7 +235,6 @@ class RLHFTrainer:
         """Sample a batch, score it and store what the learning phase needs."""
         args = self.args
         sample_ids, samples = self.sample()
-        release_freed_memory()
         with torch.no_grad():
             logits, values = self.model.forward_with_value_head(sample_ids)
             ref_logits = self.ref_model(sample_ids)
@@ -304,20 +292,15 @@ class RLHFTrainer:
         return objective
 
     def learning_phase(self, memory: ReplayMemory) -> None:
-        """One optimizer step per minibatch, then one scheduler step. Runs under
-        :func:`~lora_rlhf.fast.memory.lean_heap`, and gives freed memory back between steps: see
-        ``lora_rlhf.fast.memory`` (what the peak memory of a LoRA phase is made of)."""
+        """One optimizer step per minibatch, then one scheduler step."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._minibatch_stats = []
-        with lean_heap():
-            for minibatch in memory.get_minibatches():
-                self.optimizer.zero_grad()
-                objective = self.compute_rlhf_objective(minibatch)
-                release_freed_memory()
-                objective.backward()
-                nn.utils.clip_grad_norm_(params, max_norm=self.args.max_grad_norm)
-                self.optimizer.step()
-                release_freed_memory()
+        for minibatch in memory.get_minibatches():
+            self.optimizer.zero_grad()
+            objective = self.compute_rlhf_objective(minibatch)
+            objective.backward()
+            nn.utils.clip_grad_norm_(params, max_norm=self.args.max_grad_norm)
+            self.optimizer.step()
         self._phase_stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         # The coefficient this phase used; then the next phase's, from this rollout's KL.
@@ -352,7 +335,7 @@ class RLHFTrainer:
         ``phase_seconds``.
         """
         args = self.args
-        run = self._init_wandb() if args.use_wandb else None
+        run = init_wandb(self) if args.use_wandb else None
         try:
             bar = tqdm(
                 total=args.total_phases,
@@ -370,7 +353,7 @@ class RLHFTrainer:
                     )
                     bar.update()
                     if run is not None:
-                        self._log_wandb(metrics)
+                        log_wandb(self, metrics)
                     if self.on_phase_end is not None:
                         self.on_phase_end(metrics)
         finally:
@@ -379,28 +362,3 @@ class RLHFTrainer:
 
                 wandb.finish()
         return self.history
-
-    def _init_wandb(self):
-        import wandb
-
-        settings: dict[str, Any] = {}
-        # No login needed: without an API key (and no explicit WANDB_MODE) the run stays local.
-        if not os.environ.get("WANDB_MODE") and not _wandb_api_key_available():
-            settings["mode"] = "offline"
-        return wandb.init(
-            project=self.args.wandb_project_name,
-            entity=self.args.wandb_entity,
-            name=self.run_name,
-            config=self.args.to_config(),
-            **settings,
-        )
-
-    def _log_wandb(self, metrics: dict[str, Any]) -> None:
-        import wandb
-
-        rewards = self.rewards.tolist() if self.rewards is not None else []
-        table = wandb.Table(
-            columns=["phase", "sample", "reward"],
-            data=[[metrics["phase"], s, r] for s, r in zip(self.samples, rewards)],
-        )
-        wandb.log({**metrics, "samples": table}, step=metrics["phase"])
