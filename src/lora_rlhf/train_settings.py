@@ -83,7 +83,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 KL_FIXED = "off"  # --kl-target off: the course's fixed coefficient
 # A reward's own defaults, where they differ from DEFAULTS: they apply to the options not given (a
 # resumed run keeps its saved settings). Chosen by measurement on seeds 1-3: docs/training.md.
-REWARD_DEFAULTS: dict[str, dict[str, Any]] = {"sentiment": {"prefix": "This movie was"}}
+REWARD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sentiment": {"prefix": "This movie was", "temperature": 0.7, "phases": 50},
+}
 
 
 class UsageError(Exception):
