@@ -60,9 +60,12 @@ def test_sentences_with_abbreviations_decimals_and_numbers_are_not(sample):
         ("This movie was amazing. I loved the movie", False),
         ("This movie was amazing! I loved it!", False),
         ("This movie was a total disappointment", False),
+        ("This movie was a movie that is worth a movie.", False),  # "movie": no valence
+        ("This movie was great. I love it, I love you, I love", True),
     ],
 )
-def test_sentiment_hacks_pile_up_a_word_or_exclamation_marks(sample, hack):
+def test_sentiment_hacks_pile_up_a_scored_word_or_exclamation_marks(sample, hack):
+    pytest.importorskip("vaderSentiment")
     assert is_sentiment_hack(sample) is hack
 
 

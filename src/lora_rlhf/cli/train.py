@@ -34,6 +34,7 @@ from lora_rlhf.cli.outputs import print_summary, read_metrics, restore
 from lora_rlhf.cli.recorder import RunRecorder
 from lora_rlhf.cli.settings import (
     DEFAULTS,
+    REWARD_DEFAULTS,
     Plan,
     UsageError,
     build_args,
@@ -65,8 +66,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="RLHF with LoRA on the embedded model: metrics, reward curve, samples, adapter",
         description=__doc__.split("\n\n", 1)[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults are the settings of the documented default run (docs/training.md). "
-        "With --resume, an option left out keeps the resumed run's value.",
+        epilog="Defaults are the settings of the documented default run (docs/training.md); "
+        + "; ".join(
+            f"--reward {reward}: "
+            + ", ".join(f"--{k.replace('_', '-')} {v!r}" for k, v in own.items())
+            for reward, own in REWARD_DEFAULTS.items()
+        )
+        + ". With --resume, an option left out keeps the resumed run's value.",
     )
     add_options(p)
     p.set_defaults(func=run_command)
