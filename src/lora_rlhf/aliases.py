@@ -66,3 +66,22 @@ class AliasFinder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if not any(isinstance(f, AliasFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, AliasFinder())
+
+
+def forward_names(target: str):
+    """``__getattr__`` and ``__dir__`` for a package that took an old module's name
+    (``lora_rlhf.fast`` was ``fast.py``): its names come from ``target``, imported on first use,
+    so importing one of the package's leaf modules loads nothing else."""
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(importlib.import_module(target), name)
+
+    def __dir__():
+        return sorted(
+            set(sys.modules[target.rpartition(".")[0]].__dict__)
+            | set(dir(importlib.import_module(target)))
+        )
+
+    return __getattr__, __dir__

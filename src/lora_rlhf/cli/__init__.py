@@ -6,17 +6,6 @@ nothing imports it.
 :mod:`lora_rlhf.cli.command`.
 """
 
-import importlib as _importlib
+from lora_rlhf.aliases import forward_names as _forward_names
 
-_TARGET = "lora_rlhf.cli.command"
-
-
-def __getattr__(name: str):
-    """The names of the module this package replaced, loaded on first use."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(_importlib.import_module(_TARGET), name)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(dir(_importlib.import_module(_TARGET))))
+__getattr__, __dir__ = _forward_names("lora_rlhf.cli.command")

@@ -8,17 +8,6 @@ to :mod:`lora_rlhf.fast.lora` on first use, so importing a leaf module (``fast.m
 load the lessons.
 """
 
-import importlib as _importlib
+from lora_rlhf.aliases import forward_names as _forward_names
 
-_TARGET = "lora_rlhf.fast.lora"
-
-
-def __getattr__(name: str):
-    """The names of the module this package replaced, loaded on first use."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(_importlib.import_module(_TARGET), name)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(dir(_importlib.import_module(_TARGET))))
+__getattr__, __dir__ = _forward_names("lora_rlhf.fast.lora")
