@@ -17,31 +17,35 @@ folder.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from transformer_lens import HookedTransformer
 
-from lora_rlhf.models import load_model
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
-CUDA_AVAILABLE = torch.cuda.is_available()
-
-# One intra-op thread: the test models are tiny, and on a busy 2-core machine OpenMP's spinning
-# threads made the suite ~10× slower (measured: the 23 exercise checks take 1.9 s on one thread,
-# 24 s on two under load). Parallelism comes from pytest-xdist workers instead.
-torch.set_num_threads(1)
-
+# torch and the library are imported where tests run (the workers), not in pytest-xdist's
+# controller process, which only schedules: importing them there cost seconds before any worker
+# started.
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param(
-        "cuda",
-        id="cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device"),
-        ],
-    ),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda]),  # skipped without a GPU
 ]
+
+
+def _is_xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    if _is_xdist_controller(config):
+        return
+    import torch
+
+    # One intra-op thread: the test models are tiny, and on a busy 2-core machine OpenMP's
+    # spinning threads made the suite ~10× slower (measured: the 23 exercise checks take 1.9 s on
+    # one thread, 24 s on two under load). Parallelism comes from pytest-xdist workers instead.
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
@@ -62,18 +66,24 @@ def device(request) -> str:
 @pytest.fixture
 def tiny_llama(device: str) -> HookedTransformer:
     """A fresh random-init Llama-style model (grouped-query attention) on `device`."""
+    from lora_rlhf.models import load_model
+
     return load_model("tiny-llama", device=device)
 
 
 @pytest.fixture
 def tiny_pythia(device: str) -> HookedTransformer:
     """A fresh random-init Pythia-style model (parallel attention + MLP) on `device`."""
+    from lora_rlhf.models import load_model
+
     return load_model("tiny-pythia", device=device)
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> HookedTransformer:
     """The embedded SmolLM2-135M on cpu, shared by the whole session: do not modify it."""
+    from lora_rlhf.models import load_model
+
     return load_model("smollm2-135m", device="cpu")
 
 
@@ -82,6 +92,8 @@ def smollm2_reference():
     """``(hf_model, hf_tokenizer)``: the transformers model de-quantized from the same GGUF file,
     fp32 on cpu, loaded from the cache once per session (~1 s). Shared: do not change it; a test
     that does (e.g. PEFT wraps it) loads its own with ``hf_model_and_tokenizer()``."""
+    import torch
+
     from lora_rlhf.models.smollm2 import hf_model_and_tokenizer
 
     return hf_model_and_tokenizer(torch.float32)
@@ -100,8 +112,14 @@ SMOLLM2_FIXTURES = {"smollm2", "smollm2_reference", "smollm2_mlp_lora"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses the embedded model is `slow`, so `-m "not slow"` is the quick suite."""
+    """Every test that uses the embedded model is `slow`, so `-m "not slow"` is the quick suite;
+    the cuda cases are skipped without a GPU."""
+    import torch
+
+    no_cuda = pytest.mark.skip(reason="no CUDA device")
     for item in items:
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
         # fixturenames is the closure: it includes fixtures used through other fixtures.
         if SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

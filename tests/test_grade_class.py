@@ -1,8 +1,10 @@
 """`lora-rlhf grade-class`: a whole class graded in parallel, each student exactly as if alone.
 
 One mixed class — correct, wrong, crashing, hanging (inside a hook), tampering, memory-hogging,
-without Exercise 4 — is graded as a batch (two at a time) while each submission is also graded
-alone, one after the other; the solo grading of the hanging one is the bound on a hang's cost.
+without Exercise 4 — is graded as a batch (two at a time) while each submission but the hanging one
+is also graded alone, one after the other. The hanging one is graded in the batch only: its time
+there, beside the others, is the bound on a hang's cost (graded alone it would only wait the same
+limits out a second time).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lora_rlhf.grading.grader import Limits
 FIXTURES = Path(__file__).parent / "grading_fixtures"
 COURSE = COURSE_SUBMISSION.read_text()
 HANG_BOUND_S = 90  # a submission that hangs inside a hook, on 2 cores
+HANGS = "dee_hangs_in_a_hook"
 LIMITS = Limits(memory_mb=2048)
 TRAINER = COURSE[COURSE.index("class RLHFTrainerLora(") :]
 
@@ -80,6 +83,8 @@ def graded(tmp_path_factory):
     def solo() -> dict:
         out = {}
         for name in CLASS:
+            if name == HANGS:
+                continue
             start = time.monotonic()
             report = grade(
                 folder / name if name == "ada_correct" else folder / f"{name}.py", LIMITS
@@ -97,6 +102,7 @@ def graded(tmp_path_factory):
 
 def test_each_student_gets_the_same_score_alone_and_in_the_batch(graded):
     out = graded["root"] / "grades"
+    assert set(graded["alone"]) == set(CLASS) - {HANGS}
     for name, (report, _) in graded["alone"].items():
         batch = json.loads((out / name / "results.json").read_text())
         solo = {f"{r.exercise}: {r.name}": r.points for r in report.results}
@@ -110,12 +116,16 @@ def test_each_student_gets_the_same_score_alone_and_in_the_batch(graded):
 
 
 def test_a_hang_inside_a_hook_is_graded_within_the_bound(graded):
-    report, seconds = graded["alone"]["dee_hangs_in_a_hook"]
+    (seconds,) = [g.seconds for g in graded["batch"] if g.student == HANGS]
     assert seconds <= HANG_BOUND_S
-    failed = [r for r in report.results if not r.passed]
-    assert failed and all("timed out" in r.message for r in failed)
-    assert report.by_exercise()["Lora"] and all(r.passed for r in report.by_exercise()["Lora"])
-    assert any(r.passed for r in report.by_exercise()["LoraHooks"])  # the hook-free checks
+    tests = json.loads((graded["root"] / "grades" / HANGS / "results.json").read_text())["tests"]
+    failed = [t for t in tests if t["score"] < t["max_score"]]
+    assert failed and all("timed out" in t["output"] for t in failed)
+    by_exercise = {ex: [t for t in tests if t["tags"] == [ex]] for ex in ("Lora", "LoraHooks")}
+    assert by_exercise["Lora"] and all(t["score"] == t["max_score"] for t in by_exercise["Lora"])
+    assert any(t["score"] == t["max_score"] for t in by_exercise["LoraHooks"])  # hook-free checks
+    hook_checks = [t for t in tests if t["tags"] != ["Lora"]]
+    assert sum(t["score"] for t in hook_checks) < sum(t["max_score"] for t in hook_checks) / 2
 
 
 def test_a_submission_without_the_trainer_scores_0_on_exercise_4_with_a_note(graded):
