@@ -46,6 +46,9 @@ def pytest_configure(config):
     # spinning threads made the suite ~10× slower (measured: the 23 exercise checks take 1.9 s on
     # one thread, 24 s on two under load). Parallelism comes from pytest-xdist workers instead.
     torch.set_num_threads(1)
+    from helpers import quick_figures
+
+    quick_figures()  # `train` writes stand-in figures but where a test asks for real ones
 
 
 def pytest_addoption(parser):

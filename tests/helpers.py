@@ -3,6 +3,8 @@ the path). Test files never import each other."""
 
 from __future__ import annotations
 
+import contextlib
+
 import einops
 import torch
 from torch.overrides import TorchFunctionMode
@@ -121,3 +123,75 @@ def assert_forward_copies_no_weights(model) -> None:
     copied = [name for name, (W, _) in weights.items() if W.data_ptr() not in mode.data_ptrs]
     assert not copied, f"F.linear got copies of {copied[:3]}"
     assert mode.data_ptrs == {W.data_ptr() for W, _ in weights.values()}
+
+
+# ------------------------------------------------------------- the train command's two figures
+# Drawing a run's reward curve and adaptor map costs ~0.9 CPU-s of matplotlib, more than a tiny
+# run's training; the suite runs `train` ~60 times for its metrics, adaptors, checkpoints and
+# resumes. So the suite's workers replace the two figures by a stand-in (conftest.py): it reads
+# what the real figure reads (the history's keys; the adaptor map of the trained model) and writes
+# a 1×1 PNG at the same path. The tests about the figures themselves draw them for real, inside
+# ``with real_figures():`` (test_train_cli's finished run, test_train_outputs', test_adaptor_map's).
+
+
+def _png_1x1() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)  # 1×1, 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+PNG_1X1 = _png_1x1()
+_REAL_FIGURES: dict = {}
+
+
+def quick_figures() -> None:
+    """Replace the train command's figures (RunRecorder.save_plot, .save_adaptor_map)."""
+    from lora_rlhf.adapters.adaptor_map import MAP_FILE, adaptor_map
+    from lora_rlhf.cli.recorder import CURVE_FILE, RunRecorder
+
+    if _REAL_FIGURES:
+        return
+    _REAL_FIGURES.update(save_plot=RunRecorder.save_plot, maps=RunRecorder.save_adaptor_map)
+
+    def save_plot(self):
+        history = self.trainer.history
+        if not history:
+            return None
+        for m in history:  # what plot_reward_curve needs
+            if not {"phase", "reward_mean"} <= m.keys():
+                raise KeyError(f"a phase's metrics lack phase or reward_mean: {sorted(m)}")
+        path = self.out / CURVE_FILE
+        path.write_bytes(PNG_1X1)
+        return path
+
+    def save_adaptor_map(self):
+        adaptor_map(self.trainer.model)  # what plot_adaptor_map draws
+        (self.out / MAP_FILE).write_bytes(PNG_1X1)
+
+    RunRecorder.save_plot, RunRecorder.save_adaptor_map = save_plot, save_adaptor_map
+
+
+@contextlib.contextmanager
+def real_figures():
+    """Within: `train` draws its figures with matplotlib, as outside the test suite."""
+    from lora_rlhf.cli.recorder import RunRecorder
+
+    quick = RunRecorder.save_plot, RunRecorder.save_adaptor_map
+    if _REAL_FIGURES:
+        RunRecorder.save_plot = _REAL_FIGURES["save_plot"]
+        RunRecorder.save_adaptor_map = _REAL_FIGURES["maps"]
+    try:
+        yield
+    finally:
+        RunRecorder.save_plot, RunRecorder.save_adaptor_map = quick

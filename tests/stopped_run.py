@@ -93,6 +93,9 @@ def run(point: str, options: list[str], log: str | None = None) -> None:
         os.dup2(fd, 2)
     if point != "none":
         install(point)
+    from helpers import quick_figures
+
+    quick_figures()  # as in the suite's workers (conftest.py)
     sys.exit(lora_rlhf.cli.command.main(["train", *options]))
 
 

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import real_figures
 from torch.overrides import TorchFunctionMode
 
 from lora_rlhf.adapters.adaptor_map import MAP_FILE, adaptor_map
@@ -191,7 +192,8 @@ def tiny_run(tmp_path_factory):
     threads = torch.get_num_threads()
     RunRecorder.start = recording_start
     try:
-        assert main([*TINY_RUN, "--out", str(out)]) == 0
+        with real_figures():
+            assert main([*TINY_RUN, "--out", str(out)]) == 0
     finally:
         RunRecorder.start = original
         torch.set_num_threads(threads)

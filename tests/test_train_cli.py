@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import real_figures
 
 import lora_rlhf.cli.train as train_cli
 from lora_rlhf.authoring.implementations import repo_root
@@ -54,7 +55,8 @@ def without_timings(metrics: list[dict]) -> list[dict]:
 def finished_run(tmp_path_factory) -> Path:
     """A finished 3-phase run, shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("runs") / "finished"
-    assert train(out, phases=3) == 0
+    with real_figures():
+        assert train(out, phases=3) == 0
     return out
 
 

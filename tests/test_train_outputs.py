@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import real_figures
 
 from lora_rlhf.cli.command import main
 from lora_rlhf.cli.outputs import read_metrics, read_summary
@@ -96,7 +97,7 @@ def finished(tmp_path_factory) -> tuple[Path, str]:
     import io
 
     console = io.StringIO()
-    with contextlib.redirect_stdout(console):
+    with contextlib.redirect_stdout(console), real_figures():
         adaptive = ["--kl-target", "0.05", "--kl-horizon", "16"]
         assert train(out, "--reward", "length", *adaptive, phases=6) == 0
     return out, console.getvalue()
