@@ -202,3 +202,14 @@ def test_the_clock_can_be_this_processs_cpu_time():
     ticks = iter(range(0, 100, 3))
     times = time_interleaved({"a": lambda: None}, repeats=2, warmup=0, clock=lambda: next(ticks))
     assert times == {"a": [3, 3]}
+
+
+def test_the_base_rate_scores_the_requested_samples_with_the_commands_reward(capsys):
+    from benchmarks import base_rate
+
+    result = base_rate.main(["--samples", "32", "--batch", "16", "--model", "tiny-llama"])
+    assert result["samples"] == 32 and "'.' after 'This is'" in result["task"]
+    assert (
+        0 <= result["16_sample_means"]["min"] <= result["mean"] <= result["16_sample_means"]["max"]
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

@@ -1,5 +1,6 @@
 """The defaults `lora-rlhf train` plans with: the documented default run, and the sentiment run's
-own defaults (docs/training.md), each overridden by an option given. No model is loaded."""
+and GRPO's own defaults (docs/training.md, docs/grpo.md), each overridden by an option given. No
+model is loaded."""
 
 from __future__ import annotations
 
@@ -21,10 +22,20 @@ def test_the_default_run_is_the_documented_one():
     assert (s["base_lr"], s["kl_coef"], s["kl_target"], s["temperature"]) == (1e-3, 0.2, "off", 1.0)
 
 
-def test_grpo_trains_the_default_runs_task_with_the_same_settings():
+def test_grpo_trains_the_default_runs_task_with_twice_the_samples():
     s = planned("--algo", "grpo")
-    assert s == {**planned(), "algo": "grpo"}
+    assert s == {**planned(), "algo": "grpo", "batch_size": 32}, "the rest: the default run's"
     assert (s["group_size"], s["advantage"]) == (4, "grpo")
+
+
+def test_an_option_given_overrides_grpos_batch_size():
+    assert planned("--algo", "grpo", "--batch-size", "16")["batch_size"] == 16
+    assert planned("--algo", "ppo")["batch_size"] == 16
+
+
+def test_grpo_sentiment_takes_both_tables_of_defaults():
+    s = planned("--algo", "grpo", "--reward", "sentiment")
+    assert {k: s[k] for k in SENTIMENT} == SENTIMENT and s["batch_size"] == 32
 
 
 SENTIMENT = {"prefix": "This movie was", "temperature": 0.7, "phases": 50}

@@ -82,11 +82,13 @@ FIELD_FLAGS = {field: "--" + dest.replace("_", "-") for dest, field in ARGS_FIEL
 FIXED_ON_RESUME = ("model", "rank", "alpha", "algo")
 DTYPES = ("float32", "bfloat16", "float16")
 KL_FIXED = "off"  # --kl-target off: the course's fixed coefficient
-# A reward's own defaults, where they differ from DEFAULTS: they apply to the options not given (a
-# resumed run keeps its saved settings). Chosen by measurement on seeds 1-3: docs/training.md.
+# A reward's and an algorithm's own defaults, where they differ from DEFAULTS: they apply to the
+# options not given (a resumed run keeps its saved settings). Chosen by measurement over seeds:
+# docs/training.md (sentiment), docs/grpo.md (GRPO learns only from groups whose samples differ).
 REWARD_DEFAULTS: dict[str, dict[str, Any]] = {
     "sentiment": {"prefix": "This movie was", "temperature": 0.7, "phases": 50},
 }
+ALGO_DEFAULTS: dict[str, dict[str, Any]] = {"grpo": {"batch_size": 32}}
 
 
 class UsageError(Exception):
@@ -203,7 +205,10 @@ def merge_settings(args: argparse.Namespace, resume: ResumePoint | None) -> dict
         settings.update({k: v for k, v in saved.items() if k in DEFAULTS})
     settings.update(given)
     if resume is None:
-        own = REWARD_DEFAULTS.get(settings["reward"], {})
+        own = {
+            **ALGO_DEFAULTS.get(settings["algo"], {}),
+            **REWARD_DEFAULTS.get(settings["reward"], {}),
+        }
         settings.update({k: v for k, v in own.items() if k not in given})
     return settings
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from lora_rlhf.cli.outputs import print_summary, read_metrics, restore
 from lora_rlhf.cli.recorder import RunRecorder
 from lora_rlhf.cli.settings import (
+    ALGO_DEFAULTS,
     DEFAULTS,
     REWARD_DEFAULTS,
     Plan,
@@ -68,9 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults are the settings of the documented default run (docs/training.md); "
         + "; ".join(
-            f"--reward {reward}: "
+            f"--{kind} {name}: "
             + ", ".join(f"--{k.replace('_', '-')} {v!r}" for k, v in own.items())
-            for reward, own in REWARD_DEFAULTS.items()
+            for kind, table in (("algo", ALGO_DEFAULTS), ("reward", REWARD_DEFAULTS))
+            for name, own in table.items()
         )
         + ". With --resume, an option left out keeps the resumed run's value.",
     )
