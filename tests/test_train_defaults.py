@@ -38,9 +38,7 @@ def test_grpo_sentiment_takes_both_tables_of_defaults():
     assert {k: s[k] for k in SENTIMENT} == SENTIMENT and s["batch_size"] == 32
 
 
-SENTIMENT = {
-    "prefix": "This movie was", "temperature": 0.7, "phases": 50, "gen_len": 10, "kl_target": 0.7,
-}  # fmt: skip
+SENTIMENT = {"prefix": "This movie was", "temperature": 0.7, "phases": 50}
 
 
 def test_the_sentiment_run_has_its_own_documented_defaults():
@@ -51,7 +49,7 @@ def test_the_sentiment_run_has_its_own_documented_defaults():
 
 @pytest.mark.parametrize(("flag", "value", "key"), [
     ("--prefix", "The food was", "prefix"), ("--temperature", "1.0", "temperature"),
-    ("--phases", "30", "phases"), ("--gen-len", "8", "gen_len"), ("--kl-target", "off", "kl_target"),
+    ("--phases", "30", "phases"),
 ])  # fmt: skip
 def test_an_option_given_overrides_the_sentiment_default(flag, value, key):
     s = planned("--reward", "sentiment", flag, value)

@@ -85,9 +85,9 @@ KL_FIXED = "off"  # --kl-target off: the course's fixed coefficient
 # A reward's and an algorithm's own defaults, where they differ from DEFAULTS: they apply to the
 # options not given (a resumed run keeps its saved settings). Chosen by measurement over seeds:
 # docs/training.md (sentiment), docs/grpo.md (GRPO learns only from groups whose samples differ).
-REWARD_DEFAULTS: dict[str, dict[str, Any]] = {"sentiment": {
-    "prefix": "This movie was", "temperature": 0.7, "phases": 50, "gen_len": 10, "kl_target": 0.7,
-}}  # fmt: skip
+REWARD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sentiment": {"prefix": "This movie was", "temperature": 0.7, "phases": 50},
+}
 ALGO_DEFAULTS: dict[str, dict[str, Any]] = {"grpo": {"batch_size": 32}}
 
 
