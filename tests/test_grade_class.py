@@ -27,7 +27,7 @@ from lora_rlhf.grading.grader import Limits
 FIXTURES = Path(__file__).parent / "grading_fixtures"
 COURSE = COURSE_SUBMISSION.read_text()
 HANG_BOUND_S = 90  # a submission that hangs inside a hook, on 2 cores
-HANGS = "dee_hangs_in_a_hook"
+HANGS = "abe_hangs_in_a_hook"  # first in name order: the batch starts it at once
 LIMITS = Limits(memory_mb=2048)
 TRAINER = COURSE[COURSE.index("class RLHFTrainerLora(") :]
 
@@ -48,10 +48,10 @@ HANG_IN_HOOK = _with(
     else COURSE,
 )
 CLASS = {
+    HANGS: HANG_IN_HOOK,
     "ada_correct": COURSE,
     "ben_wrong_gradients": next(m for m in MUTANTS if m.name == "z_detached").apply(),
     "cy_crashes": (FIXTURES / "segfault_at_import.py").read_text(),
-    "dee_hangs_in_a_hook": HANG_IN_HOOK,
     "eve_tampers": _with(
         "FwdHook = tuple[str, Callable]\n",
         "FwdHook = tuple[str, Callable]\nt.allclose = lambda *args, **kwargs: True\n",
