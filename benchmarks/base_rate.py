@@ -6,7 +6,8 @@ run's first phase (one rollout of 16 or 32 samples) estimates.
 It samples the command's own prompt, length, temperature and top-k from the embedded model (no
 adaptors: what a run's adaptors start as, B = 0) in batches of 16, scores them with the command's
 reward, and prints one JSON line: the mean, its standard error, and the lowest and highest mean
-of its 16-sample batches (how far one rollout of 16 can land from the mean).
+of its rollout-sized runs of samples (the command's --batch-size, 16: how far one first phase can
+land from the mean).
 """
 
 from __future__ import annotations
@@ -44,13 +45,17 @@ def main(argv: list[str] | None = None) -> dict:
             DEFAULTS["top_k"], prepend_bos=True,
         )  # fmt: skip
         rewards += [float(r) for r in reward_fn(texts)]
-    batches = [statistics.fmean(rewards[i : i + 16]) for i in range(0, len(rewards) - 15, 16)]
+    rollout = DEFAULTS["batch_size"]
+    batches = [
+        statistics.fmean(rewards[i : i + rollout])
+        for i in range(0, len(rewards) - rollout + 1, rollout)
+    ]
     result = {
         "task": f"{DEFAULTS['reward']} {DEFAULTS['char']!r} after {DEFAULTS['prefix']!r}",
         "samples": len(rewards),
         "mean": round(statistics.fmean(rewards), 4),
         "standard_error": round(statistics.stdev(rewards) / math.sqrt(len(rewards)), 4),
-        "16_sample_means": {"min": min(batches), "max": max(batches)},
+        f"{rollout}_sample_means": {"min": min(batches), "max": max(batches)},
     }
     print(json.dumps(result))
     return result

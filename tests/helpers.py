@@ -152,7 +152,7 @@ def _png_1x1() -> bytes:
 
 
 PNG_1X1 = _png_1x1()
-_REAL_FIGURES: dict = {}
+_REAL_FIGURES: list = []  # RunRecorder's own (save_plot, save_adaptor_map), once replaced
 
 
 def quick_figures() -> None:
@@ -162,7 +162,7 @@ def quick_figures() -> None:
 
     if _REAL_FIGURES:
         return
-    _REAL_FIGURES.update(save_plot=RunRecorder.save_plot, maps=RunRecorder.save_adaptor_map)
+    _REAL_FIGURES.extend((RunRecorder.save_plot, RunRecorder.save_adaptor_map))
 
     def save_plot(self):
         history = self.trainer.history
@@ -189,8 +189,7 @@ def real_figures():
 
     quick = RunRecorder.save_plot, RunRecorder.save_adaptor_map
     if _REAL_FIGURES:
-        RunRecorder.save_plot = _REAL_FIGURES["save_plot"]
-        RunRecorder.save_adaptor_map = _REAL_FIGURES["maps"]
+        RunRecorder.save_plot, RunRecorder.save_adaptor_map = _REAL_FIGURES
     try:
         yield
     finally:
