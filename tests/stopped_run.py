@@ -1,7 +1,6 @@
 """Runs `lora-rlhf train` in a process of its own and stops it at a chosen point, as a kill or a
-signal would. tests/test_stopped_runs.py forks it from a server process that has imported this
-module (and so torch and the library) once: :func:`run` in a child of
-``multiprocessing``'s forkserver. From a shell:
+signal would. tests/test_stopped_runs.py runs :func:`run` in a child of the grader's fork server
+(lora_rlhf.grading.sandbox), which has imported torch and the library once. From a shell:
 
     python tests/stopped_run.py POINT TRAIN_OPTION...
 
@@ -26,8 +25,6 @@ import sys
 import time
 
 import lora_rlhf.cli.checkpoint as checkpoint
-
-# Imported here, once, by the forkserver that the tests preload this module into.
 import lora_rlhf.cli.command  # noqa: F401
 from lora_rlhf.cli.recorder import RunRecorder
 from lora_rlhf.lessons.section3_grpo import GRPOTrainerLora

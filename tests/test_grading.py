@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
+import sys
 import textwrap
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -555,3 +557,19 @@ def test_a_folder_gives_its_section2_file_or_its_only_python_file(tmp_path):
     (tmp_path / "bo.ipynb").write_text("{}")
     (tmp_path / "bo.py").write_text("")
     assert students(tmp_path) == {"a": tmp_path / "a", "bo": tmp_path / "bo.py"}
+
+
+def test_the_fork_server_is_started_with_this_processs_path(monkeypatch):
+    """Python < 3.12 starts the fork server without the caller's sys.path and skips a preload it
+    cannot import: the grader hands its path over as PYTHONPATH, only for that start."""
+    from multiprocessing import forkserver
+
+    from lora_rlhf.grading import sandbox
+
+    seen = []
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: seen.append(os.environ["PYTHONPATH"]))
+    monkeypatch.setattr(sys, "path", [*sys.path, "/nowhere/extra"])
+    monkeypatch.setenv("PYTHONPATH", "/before")
+    sandbox.start_server()
+    assert seen and seen[0].split(os.pathsep)[-1] == "/nowhere/extra"
+    assert os.environ["PYTHONPATH"] == "/before"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import time
@@ -23,6 +24,7 @@ import lora_rlhf.cli.checkpoint as checkpoint
 import lora_rlhf.cli.train as train_cli
 from lora_rlhf.cli.checkpoint import list_checkpoints
 from lora_rlhf.cli.command import main
+from lora_rlhf.grading import sandbox
 
 TINY = [
     "--model", "tiny-llama", "--batch-size", "4", "--minibatches", "2", "--gen-len", "4",
@@ -49,10 +51,23 @@ def resume(out: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def processes():
     """Starts stopped_run.run in a process of its own, forked from a server that imported torch
-    and the library once (a fresh interpreter would spend seconds importing them each time)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["stopped_run"])
-    return context
+    and the library once (a fresh interpreter would spend seconds importing them each time): the
+    grader's fork server, the one a worker process has (whichever of the two starts it)."""
+    sandbox.start_server()
+    return sandbox.context()
+
+
+def test_the_fork_server_has_imported_torch(processes):
+    """Else every process forked from it imports torch itself (~6 s each), as when the server was
+    told to preload a module it could not import (Python < 3.12 ignores the caller's sys.path)."""
+    process = processes.Process(target=time.sleep, args=(0,))
+    process.start()  # the server forks once it has imported what it preloads
+    process.join(timeout=120)
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    maps = Path(f"/proc/{server}/maps")
+    if not maps.exists():
+        pytest.skip("no /proc on this system")
+    assert "libtorch" in maps.read_text()
 
 
 def in_subprocess(processes, point: str, args: list[str], log: Path):

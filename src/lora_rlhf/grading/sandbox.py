@@ -86,11 +86,25 @@ def context() -> multiprocessing.context.BaseContext:
 
 
 def start_server() -> None:
-    """Start the fork server now: it imports torch in the background while the caller works."""
+    """Start the fork server now: it imports torch in the background while the caller works.
+
+    The server is a fresh interpreter that imports PRELOAD from its own path: before Python 3.12
+    it ignores this process's ``sys.path``, and a module it cannot import is skipped silently, so
+    that every worker would import torch itself. It gets this process's path as PYTHONPATH.
+    """
     from multiprocessing import forkserver
 
     context()
-    forkserver.ensure_running()
+    with _START_LOCK:
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        try:
+            forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
 
 
 @contextlib.contextmanager
@@ -141,6 +155,7 @@ class Worker:
         workdir = scratch / f"worker-{n}"
         workdir.mkdir()
         self.log = scratch / f"worker-{n}.log"
+        start_server()
         ctx = context()
         self.conn, child_conn = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
