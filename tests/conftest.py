@@ -37,8 +37,31 @@ def _is_xdist_controller(config) -> bool:
     return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
+# The files that take longest, longest first (per-file time of the suite's tests, 6 Dec 2026).
+# pytest-xdist hands each worker a whole file (--dist loadfile) as it runs short of work; by
+# default the files with the most tests go first, which left these few-test, long files (a class
+# graded while one student hangs, the Gradescope bundle, subprocess runs) to the end, one worker
+# finishing them while the other idled. Longest first balances the two workers.
+LONGEST_FIRST = [
+    "test_grade_class.py",
+    "test_notebook_equals_grader.py",
+    "test_gradescope_bundle.py",
+    "test_trainer.py",
+    "test_grpo_vs_ppo.py",
+    "test_stopped_runs.py",
+    "test_fast.py",
+    "test_notebooks.py",
+    "test_lora_trainer.py",
+    "test_grading.py",
+    "test_merge.py",
+    "test_architecture.py",
+]
+
+
 def pytest_configure(config):
     if _is_xdist_controller(config):
+        if hasattr(config.option, "loadscopereorder"):
+            config.option.loadscopereorder = False  # keep the order of LONGEST_FIRST
         return
     import torch
 
@@ -115,10 +138,12 @@ SMOLLM2_FIXTURES = {"smollm2", "smollm2_reference", "smollm2_mlp_lora"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses the embedded model is `slow`, so `-m "not slow"` is the quick suite;
-    the cuda cases are skipped without a GPU."""
+    """The longest files first; every test that uses the embedded model is `slow`, so
+    `-m "not slow"` is the quick suite; the cuda cases are skipped without a GPU."""
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: else as collected
     no_cuda = pytest.mark.skip(reason="no CUDA device")
     for item in items:
         if item.get_closest_marker("cuda") and not torch.cuda.is_available():

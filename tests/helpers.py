@@ -194,3 +194,46 @@ def real_figures():
         yield
     finally:
         RunRecorder.save_plot, RunRecorder.save_adaptor_map = quick
+
+
+def _python_m(module: str, args: list[str], log: str) -> None:
+    """In a child of the fork server: what ``python -m MODULE ARGS > LOG 2>&1`` runs."""
+    import os
+    import runpy
+    import sys
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = [module, *args]
+    quick_figures()  # as in the suite's workers (conftest.py)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+class ForkedPython:
+    """A stand-in for ``subprocess.Popen([sys.executable, "-m", MODULE, *ARGS], stdout=LOG)``:
+    the same module run as ``__main__``, in a process of its own, forked from the grader's fork
+    server, which has imported torch and TransformerLens once (a fresh interpreter spends ~7 s of
+    CPU importing them). Offers what a caller of Popen polls: poll, returncode, terminate."""
+
+    def __init__(self, argv: list[str], stdout, stderr=None):
+        from lora_rlhf.grading import sandbox
+
+        if argv[1:2] != ["-m"]:
+            raise ValueError(f"only `python -m MODULE …` commands: {argv}")
+        sandbox.start_server()
+        self.process = sandbox.context().Process(
+            target=_python_m, args=(argv[2], list(argv[3:]), stdout.name)
+        )
+        stdout.close()
+        self.process.start()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return None if self.process.is_alive() else self.process.exitcode
+
+    def terminate(self) -> None:
+        self.process.terminate()

@@ -232,10 +232,24 @@ def test_no_source_file_over_400_lines():
     assert long == {}, long
 
 
-def test_train_does_not_load_the_check_framework():
+def test_train_does_not_load_the_check_framework(tmp_path):
+    """A fresh interpreter runs `python -m lora_rlhf.cli.train` (one phase on tiny-llama) and
+    imports GRPO's trainer and the whole parser: no module of the checks is loaded, at import or
+    while training. (The only test that runs the module as a program in a fresh interpreter.)"""
+    train = ["--model", "tiny-llama", "--phases", "1", "--batch-size", "4", "--minibatches", "2",
+             "--gen-len", "4", "--warmup", "0", "--no-progress", "--threads", "1",
+             "--out", str(tmp_path / "run")]  # fmt: skip
     code = (
-        "import sys\n"
-        "import lora_rlhf.cli.command, lora_rlhf.cli.train, lora_rlhf.fast.lora\n"
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from helpers import quick_figures\n"
+        "quick_figures()  # stand-in figures, as in the suite's workers\n"
+        f"sys.argv = ['lora_rlhf.cli.train', *{train!r}]\n"
+        "try:\n"
+        "    runpy.run_module('lora_rlhf.cli.train', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as stop:\n"
+        "    assert not stop.code, stop.code\n"
+        "import lora_rlhf.cli.command, lora_rlhf.fast.lora\n"
         "import lora_rlhf.lessons.section3_grpo, lora_rlhf.cli.grpo_trainer\n"
         "lora_rlhf.cli.command.build_parser()\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(('lora_rlhf.checks', "
@@ -244,6 +258,7 @@ def test_train_does_not_load_the_check_framework():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter.safetensors").is_file(), run.stdout[-2000:]
 
 
 # --------------------------------------------------------------------- documented names

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ForkedPython
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,9 +62,14 @@ def test_the_benchmark_runs_the_command_with_the_commands_trainer(algo, tmp_path
 
 @pytest.fixture(scope="module")
 def benchmark_runs(tmp_path_factory) -> Path:
+    """The benchmark's own runs of its commands, each `python -m lora_rlhf.cli.train …` in a
+    process of its own (forked from a server that has imported torch: helpers.ForkedPython;
+    test_architecture runs that module in a fresh interpreter)."""
     runs_dir = tmp_path_factory.mktemp("bench")
-    grpo_vs_ppo.main(["--runs-dir", str(runs_dir), "--seeds", "2", "--threads", "1",
-                      "--out", str(runs_dir / "out.json"), "--", *TINY])  # fmt: skip
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(grpo_vs_ppo.subprocess, "Popen", ForkedPython)
+        grpo_vs_ppo.main(["--runs-dir", str(runs_dir), "--seeds", "2", "--threads", "1",
+                          "--out", str(runs_dir / "out.json"), "--", *TINY])  # fmt: skip
     return runs_dir
 
 
