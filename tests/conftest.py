@@ -58,35 +58,6 @@ LONGEST_FIRST = [
 ]
 
 
-# The files whose tests start the grader's fork server (lora_rlhf.grading.sandbox: a process
-# that imports torch and the checks, ~7 s of CPU, once per pytest worker): handed out as one unit,
-# so that one worker starts it, not both.
-FORK_SERVER_FILES = {
-    "test_grade_class.py",
-    "test_grading.py",
-    "test_grading_files.py",
-    "test_grpo_grading.py",
-    "test_class_report.py",
-    "test_course_interface.py",
-    "test_grpo_vs_ppo.py",
-    "test_stopped_runs.py",
-}
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """--dist loadfile, with FORK_SERVER_FILES as one unit of work."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class Scheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            scope = super()._split_scope(nodeid)
-            return "fork-server files" if scope.split("/")[-1] in FORK_SERVER_FILES else scope
-
-    return Scheduling(config, log)
-
-
 def pytest_configure(config):
     if _is_xdist_controller(config):
         if hasattr(config.option, "loadscopereorder"):
