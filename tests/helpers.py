@@ -196,17 +196,25 @@ def real_figures():
         RunRecorder.save_plot, RunRecorder.save_adaptor_map = quick
 
 
+def forked_child(log: str | None) -> None:
+    """First thing in a process forked from the fork server (which did not run conftest.py): its
+    output into the file ``log`` (if given), and the suite's stand-in figures."""
+    import os
+
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    quick_figures()
+
+
 def _python_m(module: str, args: list[str], log: str) -> None:
     """In a child of the fork server: what ``python -m MODULE ARGS > LOG 2>&1`` runs."""
-    import os
     import runpy
     import sys
 
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    forked_child(log)
     sys.argv = [module, *args]
-    quick_figures()  # as in the suite's workers (conftest.py)
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -84,15 +84,11 @@ def install(point: str) -> None:
 
 def run(point: str, options: list[str], log: str | None = None) -> None:
     """``lora-rlhf train OPTIONS`` stopped at ``point``; its output into the file ``log``."""
-    if log is not None:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+    from helpers import forked_child
+
+    forked_child(log)
     if point != "none":
         install(point)
-    from helpers import quick_figures
-
-    quick_figures()  # as in the suite's workers (conftest.py)
     sys.exit(lora_rlhf.cli.command.main(["train", *options]))
 
 
