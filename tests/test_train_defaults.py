@@ -38,7 +38,10 @@ def test_grpo_sentiment_takes_both_tables_of_defaults():
     assert {k: s[k] for k in SENTIMENT} == SENTIMENT and s["batch_size"] == 32
 
 
-SENTIMENT = {"prefix": "This movie was", "temperature": 0.7, "phases": 50}
+SENTIMENT = {
+    "prefix": "This movie was so", "temperature": 0.7, "phases": 30, "batch_size": 32,
+    "minibatches": 8,
+}  # fmt: skip
 
 
 def test_the_sentiment_run_has_its_own_documented_defaults():
@@ -49,7 +52,8 @@ def test_the_sentiment_run_has_its_own_documented_defaults():
 
 @pytest.mark.parametrize(("flag", "value", "key"), [
     ("--prefix", "The food was", "prefix"), ("--temperature", "1.0", "temperature"),
-    ("--phases", "30", "phases"),
+    ("--phases", "50", "phases"), ("--batch-size", "16", "batch_size"),
+    ("--minibatches", "2", "minibatches"),
 ])  # fmt: skip
 def test_an_option_given_overrides_the_sentiment_default(flag, value, key):
     s = planned("--reward", "sentiment", flag, value)

@@ -46,7 +46,7 @@ def test_each_reward_trains_the_tiny_model(reward, tmp_path, capsys):
     assert [m["phase"] for m in metrics] == [0, 1, 2]
     assert all(math.isfinite(m["reward_mean"]) and math.isfinite(m["kl"]) for m in metrics)
     samples = json.loads((out / "samples.json").read_text())
-    prompt = "This movie was" if reward == "sentiment" else "This is"
+    prompt = "This movie was so" if reward == "sentiment" else "This is"
     assert all(prompt in s for s in samples["after"]["samples"])
     scored = REWARDS[reward](samples["after"]["samples"]).tolist()
     assert samples["after"]["rewards"] == pytest.approx(scored)

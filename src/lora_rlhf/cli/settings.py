@@ -86,8 +86,9 @@ KL_FIXED = "off"  # --kl-target off: the course's fixed coefficient
 # options not given (a resumed run keeps its saved settings). Chosen by measurement over seeds:
 # docs/training.md (sentiment), docs/grpo.md (GRPO learns only from groups whose samples differ).
 REWARD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sentiment": {"prefix": "This movie was", "temperature": 0.7, "phases": 50},
-}
+    "sentiment": {"prefix": "This movie was so", "temperature": 0.7, "phases": 30,
+                  "batch_size": 32, "minibatches": 8},
+}  # fmt: skip
 ALGO_DEFAULTS: dict[str, dict[str, Any]] = {"grpo": {"batch_size": 32}}
 
 

@@ -85,7 +85,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     opt(
         what,
         "--prefix",
-        help="the prompt every sample continues (sentiment: 'This movie was'; others: 'This is')",
+        help="the prompt every sample continues (sentiment: 'This movie was so'; others: 'This is')",
     )
 
     hp = p.add_argument_group("hyperparameters")
