@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -232,33 +231,52 @@ def test_no_source_file_over_400_lines():
     assert long == {}, long
 
 
+def _train_as_a_fresh_program(args: list[str], log: str) -> None:
+    """In a child of the grader's fork server (torch and TransformerLens imported, and lora_rlhf's
+    checks too): forget every lora_rlhf module, so that each is imported anew, then run
+    `python -m lora_rlhf.cli.train ARGS`, import GRPO's trainer and the whole parser, and fail
+    naming any module of the checks that got loaded."""
+    import runpy
+
+    for name in [m for m in sys.modules if m.split(".")[0] in ("lora_rlhf", "helpers")]:
+        del sys.modules[name]
+    from helpers import forked_child
+
+    forked_child(log)  # output into the log; stand-in figures, as in the suite's workers
+    sys.argv = ["lora_rlhf.cli.train", *args]
+    try:
+        runpy.run_module("lora_rlhf.cli.train", run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        assert not stop.code, stop.code
+    import lora_rlhf.cli.command
+    import lora_rlhf.cli.grpo_trainer
+    import lora_rlhf.fast.lora
+    import lora_rlhf.lessons.section3_grpo  # noqa: F401
+
+    lora_rlhf.cli.command.build_parser()
+    loaded = sorted(
+        m for m in sys.modules if m.startswith(("lora_rlhf.checks", "lora_rlhf.tests_"))
+    )
+    assert not loaded, loaded
+
+
 def test_train_does_not_load_the_check_framework(tmp_path):
-    """A fresh interpreter runs `python -m lora_rlhf.cli.train` (one phase on tiny-llama) and
-    imports GRPO's trainer and the whole parser: no module of the checks is loaded, at import or
-    while training. (The only test that runs the module as a program in a fresh interpreter.)"""
+    """`python -m lora_rlhf.cli.train` (one phase on tiny-llama), then GRPO's trainer and the whole
+    parser imported, with every lora_rlhf module imported anew: no module of the checks is loaded,
+    at import or while training. (A process forked from the grader's fork server, with the package
+    forgotten, rather than a fresh interpreter, which spends ~7 s of CPU importing torch.)"""
+    from lora_rlhf.grading import sandbox
+
     train = ["--model", "tiny-llama", "--phases", "1", "--batch-size", "4", "--minibatches", "2",
              "--gen-len", "4", "--warmup", "0", "--no-progress", "--threads", "1",
              "--out", str(tmp_path / "run")]  # fmt: skip
-    code = (
-        "import runpy, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from helpers import quick_figures\n"
-        "quick_figures()  # stand-in figures, as in the suite's workers\n"
-        f"sys.argv = ['lora_rlhf.cli.train', *{train!r}]\n"
-        "try:\n"
-        "    runpy.run_module('lora_rlhf.cli.train', run_name='__main__', alter_sys=True)\n"
-        "except SystemExit as stop:\n"
-        "    assert not stop.code, stop.code\n"
-        "import lora_rlhf.cli.command, lora_rlhf.fast.lora\n"
-        "import lora_rlhf.lessons.section3_grpo, lora_rlhf.cli.grpo_trainer\n"
-        "lora_rlhf.cli.command.build_parser()\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith(('lora_rlhf.checks', "
-        "'lora_rlhf.tests_')))\n"
-        "assert not loaded, loaded\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert (tmp_path / "run" / "adapter.safetensors").is_file(), run.stdout[-2000:]
+    log = tmp_path / "train.log"
+    sandbox.start_server()
+    child = sandbox.context().Process(target=_train_as_a_fresh_program, args=(train, str(log)))
+    child.start()
+    child.join(timeout=240)
+    assert child.exitcode == 0, log.read_text()[-2000:]
+    assert (tmp_path / "run" / "adapter.safetensors").is_file(), log.read_text()[-2000:]
 
 
 # --------------------------------------------------------------------- documented names

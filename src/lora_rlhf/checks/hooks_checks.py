@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformer_lens.hook_points import HookPoint
 
@@ -239,12 +241,18 @@ def _probe_merged(impl, name: str):
     return {"logits": logits.float()}
 
 
-def _judge_merged(out, name: str):
+@functools.lru_cache(maxsize=4)
+def _merged_and_base_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits the merged-model judges compare with, the same for every submission: computed
+    once per process (judges only read them)."""
     model = merged_model(name, seed=5)
     tokens = seeded_tokens(2, 9, model.cfg.d_vocab, seed=6)
     with torch.no_grad():
-        expected = model(tokens)
-        base = base_model(name)(tokens)
+        return model(tokens), base_model(name)(tokens)
+
+
+def _judge_merged(out, name: str):
+    expected, base = _merged_and_base_logits(name)
     got = out["logits"]
     if close(got, expected):
         return

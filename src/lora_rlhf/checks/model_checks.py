@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformer_lens import HookedTransformer
 
@@ -44,6 +46,19 @@ def _model(impl, assign: bool = True):
 
 def _tokens(seq: int = 8):
     return seeded_tokens(2, seq, 512, seed=8)
+
+
+@functools.cache
+def _reference(kind: str) -> dict[str, torch.Tensor]:
+    """The base (``"base"``) or merged (``"merged"``) model's logits and ln_final output on
+    ``_tokens()`` and greedy tokens from their first 4: what the judges compare with, the same for
+    every submission, so computed once per process (judges only read them)."""
+    model = base_model(MODEL) if kind == "base" else merged_model(MODEL, SEED)
+    tokens = _tokens()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_normalized")
+        greedy = model.generate(tokens[:, :4], **GEN)
+    return {"logits": logits, "normalized": cache["ln_final.hook_normalized"], "greedy": greedy}
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,10 +184,7 @@ def probe_model_forward_with_value_head(impl):
 
 @probe_model_forward_with_value_head.judge
 def judge_model_forward_with_value_head(out):
-    merged = merged_model(MODEL, SEED)
-    with torch.no_grad():
-        logits, cache = merged.run_with_cache(_tokens(), names_filter="ln_final.hook_normalized")
-        base_logits = base_model(MODEL)(_tokens())
+    logits, base_logits = _reference("merged")["logits"], _reference("base")["logits"]
     got = out["logits"]
     if not close(got, logits):
         hint = (
@@ -187,7 +199,7 @@ def judge_model_forward_with_value_head(out):
     head = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
     head.load_state_dict(out["value_head"])
     with torch.no_grad():
-        want = head(cache["ln_final.hook_normalized"]).squeeze(-1)
+        want = head(_reference("merged")["normalized"]).squeeze(-1)
     expect(
         close(out["values"], want),
         "values should be the value head applied to "
@@ -211,11 +223,7 @@ def probe_model_plain_forward_is_base(impl):
 
 @probe_model_plain_forward_is_base.judge
 def judge_model_plain_forward_is_base(out):
-    base = base_model(MODEL)
-    tokens = _tokens()
-    with torch.no_grad():
-        want = base(tokens)
-        want_gen = base.generate(tokens[:, :4], **GEN)
+    want, want_gen = _reference("base")["logits"], _reference("base")["greedy"]
     expect(
         out["left"] == 0,
         f"{out['left']} hooks are still registered after forward_with_value_head "
@@ -248,10 +256,7 @@ def probe_model_generate(impl):
 
 @probe_model_generate.judge
 def judge_model_generate(out):
-    prompt = _tokens()[:, :4]
-    with torch.no_grad():
-        want = merged_model(MODEL, SEED).generate(prompt, **GEN)
-        base = base_model(MODEL).generate(prompt, **GEN)
+    want, base = _reference("merged")["greedy"], _reference("base")["greedy"]
     expect(not torch.equal(want, base), "internal: the reference adaptors do not change generation")
     cached = out["cached"]
     # hooks left registered run again (twice over) in the next call: report the leak, not its effect

@@ -12,6 +12,8 @@ Names:
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import socket
 from collections.abc import Callable
@@ -28,11 +30,19 @@ DEFAULT_MODEL = "smollm2-135m"
 OFFLINE_MODELS = ("smollm2-135m", "tiny-llama", "tiny-pythia")
 
 
-def _tiny_tokenizer():
+@functools.cache
+def _tiny_tokenizer_as_loaded():
     from transformers import AutoTokenizer
 
-    # Loaded from a folder: TransformerLens re-loads the tokenizer by `name_or_path`.
-    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    # Loaded from a folder (TransformerLens reloads a tokenizer by its `name_or_path`), with the
+    # BOS token on, as TransformerLens wants it: else it reads the folder a second time to add it.
+    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), add_bos_token=True)
+
+
+def _tiny_tokenizer():
+    """A tokenizer of the model's own: a copy of the one read from disk once per process (a
+    tiny model is built many times over in the checks; reading the folder was ~40% of a build)."""
+    return copy.deepcopy(_tiny_tokenizer_as_loaded())
 
 
 def tiny_config(
