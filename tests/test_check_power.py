@@ -21,10 +21,10 @@ def test_there_are_enough_mutants_and_variants():
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
 def test_mutant_is_caught(mutant, tmp_path):
     impl = load_impl(mutant.write(tmp_path))
-    for name in mutant.catches:
-        result = run_check(BY_NAME[name], impl)
+    results = {name: run_check(BY_NAME[name], impl) for name in mutant.catches}
+    for name, result in results.items():
         assert not result.passed, f"{mutant.name} passed {name}"
-    first = run_check(BY_NAME[mutant.catches[0]], impl)
+    first = results[mutant.catches[0]]
     assert mutant.says in first.message, (
         f"{mutant.name}: message does not point at the mistake: {first.message}"
     )

@@ -48,3 +48,31 @@ def test_every_subcommand_module_imports_here():
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         assert sub.get_default("func") is not None, name
         assert not isinstance(sub.get_default("func"), functools.partial), name
+
+
+@pytest.mark.parametrize(
+    ("argv", "starts_first"),
+    [
+        (["grade", "nowhere.py"], True),
+        (["grade-class", "nowhere"], True),
+        (["grade", "--help"], False),
+        (["sync", "--check", "--root", "nowhere"], False),
+    ],
+)
+def test_grading_starts_the_fork_server_before_building_the_parser(argv, starts_first, monkeypatch):
+    """The grader's fork server imports torch in an interpreter of its own: `grade` and
+    `grade-class` start it first, so that its imports overlap the command's own; other commands
+    and --help never start it."""
+    from lora_rlhf.grading import sandbox
+
+    calls = []
+    monkeypatch.setattr(sandbox, "start_server", lambda: calls.append("server"))
+
+    def build_parser():
+        calls.append("parser")
+        raise SystemExit(0)  # stop here: only the order matters
+
+    monkeypatch.setattr(cli, "build_parser", build_parser)
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert calls == (["server", "parser"] if starts_first else ["parser"])

@@ -5,6 +5,8 @@ judges would reach the same verdicts from the probes' outputs)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import backward_mutants
@@ -103,28 +105,31 @@ def test_the_notebook_fails_exactly_where_the_grader_takes_points(
     )
 
 
-def test_a_correct_submission_is_green_everywhere(tmp_path, capsys):
-    impl = load_impl(backward_mutants.VARIANTS[0].write(tmp_path))
-    for cells in notebook_cells(impl).values():
-        for cell in cells:
-            cell()
-    assert capsys.readouterr().out.count("passed.") == 6
-
-
-def test_the_notebook_functions_together_run_every_graded_check(monkeypatch, tmp_path):
-    ran = set()
-    real = notebook.run_check
+@pytest.fixture(scope="module")
+def correct_run(tmp_path_factory) -> dict:
+    """Every notebook cell run once on a correct submission: what they printed, and the checks
+    that ran (each through the one runner behind tests_lora)."""
+    ran, real = set(), notebook.run_check
 
     def spy(check_, impl, *a, **kw):
         ran.add(check_.name)
         return real(check_, impl, *a, **kw)
 
-    monkeypatch.setattr(notebook, "run_check", spy)  # the one runner behind tests_lora
-    impl = load_impl(backward_mutants.VARIANTS[0].write(tmp_path))
-    for cells in notebook_cells(impl).values():
-        for cell in cells:
-            cell()
-    assert ran == {c.name for checks in rubric().values() for c in checks}
+    impl = load_impl(backward_mutants.VARIANTS[0].write(tmp_path_factory.mktemp("correct")))
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(io.StringIO()) as out:
+        m.setattr(notebook, "run_check", spy)
+        for cells in notebook_cells(impl).values():
+            for cell in cells:
+                cell()  # raises on a failing check
+    return {"printed": out.getvalue(), "ran": ran}
+
+
+def test_a_correct_submission_is_green_everywhere(correct_run):
+    assert correct_run["printed"].count("passed.") == 6
+
+
+def test_the_notebook_functions_together_run_every_graded_check(correct_run):
+    assert correct_run["ran"] == {c.name for checks in rubric().values() for c in checks}
 
 
 SPECIFIC = [m for m in MUTANTS if m.catches[0] in ("hooks_qkv_dispatch", "hooks_out_summed")]
