@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import backward_mutants
@@ -94,12 +95,35 @@ def _disagreements(impl, monkeypatch) -> dict[str, tuple[bool, bool]]:
 ALL_MUTANTS = [*MUTANTS, *backward_mutants.MUTANTS]
 
 
+def mutant_disagreements(name: str, folder: str) -> dict[str, tuple[bool, bool]]:
+    """One mutant's disagreements, in a process of its own (see ``disagreements``)."""
+    import torch
+
+    torch.set_num_threads(1)  # as in the suite's workers (the fork server ran no conftest.py)
+    mutant = next(m for m in ALL_MUTANTS if m.name == name)
+    impl = load_impl(mutant.write(Path(folder)))
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(io.StringIO()):
+        return _disagreements(impl, m)
+
+
+@pytest.fixture(scope="module")
+def disagreements(tmp_path_factory) -> dict[str, dict]:
+    """Every mutant's disagreements, two mutants at a time, each in a process forked from the
+    grader's fork server (torch and the library imported once). Half the wall time: this file
+    runs first, beside the class-grading test, whose hanging student leaves the other core idle."""
+    from lora_rlhf.grading import sandbox
+
+    assert len({m.name for m in ALL_MUTANTS}) == len(ALL_MUTANTS)
+    sandbox.start_server()
+    folder = str(tmp_path_factory.mktemp("mutants"))
+    with ProcessPoolExecutor(max_workers=2, mp_context=sandbox.context()) as pool:
+        runs = {m.name: pool.submit(mutant_disagreements, m.name, folder) for m in ALL_MUTANTS}
+        return {name: run.result() for name, run in runs.items()}
+
+
 @pytest.mark.parametrize("mutant", ALL_MUTANTS, ids=lambda m: m.name)
-def test_the_notebook_fails_exactly_where_the_grader_takes_points(
-    mutant, tmp_path, capsys, monkeypatch
-):
-    impl = load_impl(mutant.write(tmp_path))
-    disagree = _disagreements(impl, monkeypatch)
+def test_the_notebook_fails_exactly_where_the_grader_takes_points(mutant, disagreements):
+    disagree = disagreements[mutant.name]
     assert not disagree, (
         f"{mutant.name}: exercise → (grader takes points, notebook fails) {disagree}"
     )
