@@ -10,11 +10,14 @@ sync: setup  ## regenerate exercises/ and solutions/ from their single source
 	.venv/bin/lora-rlhf sync
 
 # Two pytest workers (2 cores); --dist loadfile keeps each file's shared fixtures in one worker.
+# Bytecode is cached (__pycache__/, ignored by git) even where the environment sets
+# PYTHONDONTWRITEBYTECODE: else every worker, fork server and subprocess compiles the package and
+# the tests anew (~3 CPU-s each; README, "Test suite").
 test: setup  ## run the whole test suite (what CI runs)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n 2 --dist loadfile --durations=10
 
 test-fast: setup  ## the quick suite students run while working: everything but the embedded-model tests
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 train: setup  ## the main job: RLHF with LoRA on the embedded model (outputs in runs/<timestamp>)
 	.venv/bin/lora-rlhf train
