@@ -46,6 +46,21 @@ def test_a_finished_script_beside_a_newer_untouched_notebook_grades_100(tmp_path
     assert note in scorecard(report)
 
 
+def test_importing_a_submission_leaves_no_bytecode_beside_it(tmp_path, monkeypatch):
+    """Where Python writes bytecode (most machines; this one's environment turns it off), a
+    submission's import would leave __pycache__/ in the student's folder."""
+    import sys
+
+    from lora_rlhf.authoring.implementations import load_module
+
+    submission = tmp_path / "mine.py"
+    submission.write_text("ANSWER = 42\n")
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert load_module(submission).ANSWER == 42
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.py"]
+    assert sys.dont_write_bytecode is False  # given back
+
+
 def test_grade_leaves_no_file_in_its_folder_unless_asked(tmp_path, monkeypatch, capsys):
     submission = tmp_path / "sub" / "mine.py"
     submission.parent.mkdir()
